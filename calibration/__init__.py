@@ -1,0 +1,1 @@
+"""LineInspect calibration: thresholds, evaluation of a bundle, reports with plots."""

@@ -1,0 +1,68 @@
+"""Labelled image sets for calibration: MVTec AD layout or plain folders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.errors import DataError
+from edge.preprocess import IMAGE_SUFFIXES, list_images
+
+
+@dataclass
+class Sample:
+    path: Path
+    defect: str | None  # None = good part
+    mask: Path | None = None
+
+
+def mvtec_test(root: str | Path) -> list[Sample]:
+    """test/good and test/<defect> images of an MVTec-layout category, with ground-truth masks."""
+    root = Path(root)
+    test = root / "test"
+    if not test.is_dir():
+        raise DataError(f"{root}: no test/ folder (expected MVTec AD layout)")
+    samples: list[Sample] = []
+    for sub in sorted(p for p in test.iterdir() if p.is_dir()):
+        defect = None if sub.name == "good" else sub.name
+        for img in list_images(sub):
+            mask = None
+            if defect is not None:
+                cand = root / "ground_truth" / defect / f"{img.stem}_mask.png"
+                mask = cand if cand.is_file() else None
+            samples.append(Sample(img, defect, mask))
+    if not any(s.defect is None for s in samples):
+        raise DataError(f"{test}/good: no good test images")
+    return samples
+
+
+def folder(path: str | Path, defect: str | None, masks: str | Path | None = None) -> list[Sample]:
+    """A plain folder of good (defect=None) or defective images; masks as <stem>_mask.png."""
+    out = []
+    for img in list_images(path):
+        mask = None
+        if masks is not None:
+            for cand in (Path(masks) / f"{img.stem}_mask.png", Path(masks) / img.name):
+                if cand.is_file():
+                    mask = cand
+                    break
+        out.append(Sample(img, defect, mask))
+    return out
+
+
+def read_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:
+    """(H,W) bool at model resolution; all False when there is no mask."""
+    h, w = size
+    if path is None:
+        return np.zeros((h, w), bool)
+    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise DataError(f"{path}: not a readable mask image")
+    # Nearest keeps the mask binary; the frame itself was resized with INTER_AREA.
+    return cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST) > 127
+
+
+__all__ = ["Sample", "mvtec_test", "folder", "read_mask", "IMAGE_SUFFIXES"]

@@ -1,0 +1,152 @@
+"""Station config: one YAML file per station, loaded into this typed tree.
+
+Relative paths in the file are resolved against the file's own directory, so a station folder
+can be moved or deployed as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from edge import typedconfig
+from edge.errors import ConfigError
+
+
+@dataclass
+class StationId:
+    line: str = "line1"
+    name: str = "station1"
+
+
+@dataclass
+class SourceConfig:
+    uri: str  # file://video.mp4, file://dir/, bare path, v4l2:///dev/video0, csi://0, rtsp://, gst://
+    loop: bool = False
+    rate: float = 0.0  # frames/s for file replay; 0 = as fast as the pipeline takes them
+    timeout_s: float = 1.0  # read() returns None after this long without a frame
+    width: int = 0  # requested capture size for live sources; 0 = source default
+    height: int = 0
+
+    def validate(self) -> None:
+        if self.rate < 0:
+            raise ValueError(f"source.rate: must be >= 0, got {self.rate}")
+
+
+@dataclass
+class PreprocessConfig:
+    crop: list[int] | None = None  # [x, y, w, h] in frame pixels, applied before resize
+
+    def validate(self) -> None:
+        if self.crop is not None and (len(self.crop) != 4 or min(self.crop[2:]) <= 0):
+            raise ValueError(
+                f"preprocess.crop: expected [x, y, w, h] with w,h > 0, got {self.crop}"
+            )
+
+
+@dataclass
+class PostprocessConfig:
+    roi_mask: str | None = None  # image file; non-zero pixels are inspected
+    min_region_area: int | None = None  # overrides thresholds.yaml when set
+
+
+@dataclass
+class TlsConfig:
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    insecure: bool = False  # skip hostname check (test rigs only)
+
+
+@dataclass
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    prefix: str = "lineinspect"
+    client_id: str = ""  # default: lineinspect-<line>-<station>, stable across restarts
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive: int = 30
+    connect_timeout_s: float = 15.0  # at start-up: fail with a clear error after this long
+    username: str | None = None
+    password: str | None = None  # or env LINEINSPECT_MQTT_PASSWORD; never logged
+    tls: TlsConfig | None = None
+    publish_results: bool = False  # also publish every part on <base>/result
+    spool: str = "spool.sqlite"  # reject events wait here until the broker acknowledges them
+    spool_max_events: int = 100000
+    reconnect_max_s: float = 10.0
+
+
+@dataclass
+class EvidenceConfig:
+    dir: str | None = None  # None = keep no evidence
+    quota_mb: float = 500.0
+    sample_pass_rate: float = 0.0
+
+
+@dataclass
+class MetricsConfig:
+    interval_s: float = 10.0
+
+
+@dataclass
+class StationConfig:
+    bundle: str
+    source: SourceConfig
+    station: StationId = field(default_factory=StationId)
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    mode: Literal["triggered", "continuous"] = "triggered"
+    queue_size: int = 4
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # Set by load(): where the file was, and a hash of its text (published in status).
+    path: str = ""
+    sha256: str = ""
+
+    def validate(self) -> None:
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size: must be >= 1, got {self.queue_size}")
+
+    @property
+    def topic_base(self) -> str:
+        return f"{self.mqtt.prefix}/{self.station.line}/{self.station.name}"
+
+
+def _resolve(base: Path, p: str | None) -> str | None:
+    if p is None or "://" in p:
+        return p
+    q = Path(p).expanduser()
+    return str(q if q.is_absolute() else (base / q).resolve())
+
+
+def load(path: str | Path) -> StationConfig:
+    """Load and validate a station YAML. Raises ConfigError naming the file and key."""
+    path = Path(path)
+    data = typedconfig.read_yaml(path)
+    for reserved in ("path", "sha256"):
+        if reserved in data:
+            raise ConfigError(f"{path}: unknown key {reserved}")
+    cfg = typedconfig.from_dict(StationConfig, data, source=str(path))
+    base = path.resolve().parent
+    cfg.path = str(path.resolve())
+    cfg.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    cfg.bundle = _resolve(base, cfg.bundle)
+    uri = cfg.source.uri
+    if uri.startswith("file://") and not uri.startswith("file:///"):
+        cfg.source.uri = "file://" + _resolve(base, uri[len("file://") :])
+    elif "://" not in uri:
+        cfg.source.uri = _resolve(base, uri)
+    cfg.postprocess.roi_mask = _resolve(base, cfg.postprocess.roi_mask)
+    cfg.mqtt.spool = _resolve(base, cfg.mqtt.spool)
+    cfg.evidence.dir = _resolve(base, cfg.evidence.dir)
+    if cfg.mqtt.tls is not None:
+        for key in ("ca_certs", "certfile", "keyfile"):
+            setattr(cfg.mqtt.tls, key, _resolve(base, getattr(cfg.mqtt.tls, key)))
+    if not cfg.mqtt.client_id:
+        cfg.mqtt.client_id = f"lineinspect-{cfg.station.line}-{cfg.station.name}"
+    return cfg
