@@ -29,10 +29,25 @@ class SourceConfig:
     timeout_s: float = 1.0  # read() returns None after this long without a frame
     width: int = 0  # requested capture size for live sources; 0 = source default
     height: int = 0
+    # Live sources (v4l2, csi, rtsp, gst): reconnect with exponential backoff between these.
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 10.0
+    # Live sources: keep retrying when the camera is not there at start-up (false: fail at once).
+    retry_open: bool = True
+    buffer: int = 4  # live sources: frames buffered by the grabber thread (oldest dropped)
 
     def validate(self) -> None:
         if self.rate < 0:
-            raise ValueError(f"source.rate: must be >= 0, got {self.rate}")
+            raise ValueError(f"rate: must be >= 0, got {self.rate}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ValueError(
+                "reconnect_min_s/reconnect_max_s: need 0 < min <= max, got "
+                f"{self.reconnect_min_s}, {self.reconnect_max_s}"
+            )
+        if self.buffer < 1:
+            raise ValueError(f"buffer: must be >= 1, got {self.buffer}")
 
 
 @dataclass
@@ -41,9 +56,7 @@ class PreprocessConfig:
 
     def validate(self) -> None:
         if self.crop is not None and (len(self.crop) != 4 or min(self.crop[2:]) <= 0):
-            raise ValueError(
-                f"preprocess.crop: expected [x, y, w, h] with w,h > 0, got {self.crop}"
-            )
+            raise ValueError(f"crop: expected [x, y, w, h] with w,h > 0, got {self.crop}")
 
 
 @dataclass
@@ -78,16 +91,80 @@ class MqttConfig:
     reconnect_max_s: float = 10.0
 
 
+def _check_rate(key: str, rate: float) -> None:
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"{key}: must be within [0, 1], got {rate}")
+
+
+def _check_quota(key: str, quota_mb: float) -> None:
+    if quota_mb <= 0:
+        raise ValueError(f"{key}: must be > 0, got {quota_mb}")
+
+
 @dataclass
 class EvidenceConfig:
     dir: str | None = None  # None = keep no evidence
-    quota_mb: float = 500.0
-    sample_pass_rate: float = 0.0
+    quota_mb: float = 500.0  # oldest evidence deleted first above this
+    sample_pass_rate: float = 0.0  # fraction of passed parts also kept (0..1)
+    jpeg_quality: int = 90
+
+    def validate(self) -> None:
+        _check_quota("quota_mb", self.quota_mb)
+        _check_rate("sample_pass_rate", self.sample_pass_rate)
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality: must be 1..100, got {self.jpeg_quality}")
+
+
+@dataclass
+class RecalibrationConfig:
+    """A sample of ACCEPTED parts' raw frames (PNG), for refitting thresholds on the line."""
+
+    dir: str | None = None  # None = keep none
+    sample_rate: float = 0.0  # fraction of accepted parts kept (0..1)
+    quota_mb: float = 1000.0  # oldest frames deleted first above this
+
+    def validate(self) -> None:
+        _check_quota("quota_mb", self.quota_mb)
+        _check_rate("sample_rate", self.sample_rate)
+
+
+@dataclass
+class ThresholdsConfig:
+    """Hot reload of the bundle's thresholds.yaml (also on SIGHUP)."""
+
+    watch: bool = True  # check the file's mtime between frames
+    check_interval_s: float = 1.0
+
+    def validate(self) -> None:
+        if self.check_interval_s <= 0:
+            raise ValueError(f"check_interval_s: must be > 0, got {self.check_interval_s}")
 
 
 @dataclass
 class MetricsConfig:
     interval_s: float = 10.0
+    window: int = 2048  # frames in each rolling latency/score window (bounded memory)
+
+    def validate(self) -> None:
+        if self.interval_s <= 0 or self.window < 1:
+            raise ValueError(
+                f"need interval_s > 0 and window >= 1, got {self.interval_s}, {self.window}"
+            )
+
+
+@dataclass
+class RuntimeConfig:
+    """Threads and batching. Measured defaults for a 2-core device: see docs/edge.md."""
+
+    inference_threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core
+    spin: bool = False  # let ONNX Runtime's threads busy-wait between operators
+    opencv_threads: int = 1  # decode/resize/post threads each use one core; no OpenCV pool
+    max_batch: int = 0  # dynamic-batch graphs: most frames per inference; 0 = stations sharing it
+
+    def validate(self) -> None:
+        for key in ("inference_threads", "opencv_threads", "max_batch"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -103,7 +180,10 @@ class StationConfig:
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+    recalibration: RecalibrationConfig = field(default_factory=RecalibrationConfig)
+    thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # Set by load(): where the file was, and a hash of its text (published in status).
     path: str = ""
     sha256: str = ""
@@ -144,6 +224,7 @@ def load(path: str | Path) -> StationConfig:
     cfg.postprocess.roi_mask = _resolve(base, cfg.postprocess.roi_mask)
     cfg.mqtt.spool = _resolve(base, cfg.mqtt.spool)
     cfg.evidence.dir = _resolve(base, cfg.evidence.dir)
+    cfg.recalibration.dir = _resolve(base, cfg.recalibration.dir)
     if cfg.mqtt.tls is not None:
         for key in ("ca_certs", "certfile", "keyfile"):
             setattr(cfg.mqtt.tls, key, _resolve(base, getattr(cfg.mqtt.tls, key)))

@@ -1,0 +1,236 @@
+"""Device command line: `python -m edge run|check|listen`.
+
+Any LineInspectError (bad config, bundle, source, backend, broker) prints one line
+`error: <message>` on stderr and exits 2; a clean run exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edge import __version__, config
+from edge.errors import LineInspectError, SourceError
+
+log = logging.getLogger("edge")
+
+
+def _setup_logging(verbose: int, quiet: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------- run
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge.pipeline import Pipeline
+
+    cfg = config.load(args.config)
+    pipeline = Pipeline.from_config(cfg, max_frames=args.max_frames)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if pipeline.stopping:
+            # Second signal: the operator wants out now, drained or not.
+            raise KeyboardInterrupt
+        log.info("%s: stopping capture, draining", signal.Signals(signum).name)
+        pipeline.stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        summary = pipeline.run()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    log.info(
+        "done: %d frames, %d rejects, %d drops, %d errors, %.1f fps",
+        summary["frames"],
+        summary["rejects"],
+        summary["drops"],
+        summary["errors"],
+        summary["fps"],
+    )
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- check
+def _ok(what: str, detail: str) -> None:
+    print(f"ok    {what:<10} {detail}", flush=True)
+
+
+def _check_broker(cfg: Any, status: dict[str, Any]) -> str:
+    """Connect and disconnect without disturbing a running station on the same broker."""
+    from edge.mqtt import Publisher
+
+    mq = copy.deepcopy(cfg.mqtt)
+    # A second client with the station's client id would kick the running service off the
+    # broker, and its spool must not be replayed from here: own id, throwaway spool.
+    mq.client_id = f"{cfg.mqtt.client_id}-check"
+    with tempfile.TemporaryDirectory(prefix="lineinspect-check-") as tmp:
+        mq.spool = str(Path(tmp) / "spool.sqlite")
+        pub = Publisher(mq, f"{cfg.topic_base}/check", status)
+        pub.start()
+        pub.close(timeout_s=2)
+    return f"{mq.host}:{mq.port}"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate everything `run` needs, one step at a time, printing what was found."""
+    import numpy as np
+
+    from edge.backends import load_backend
+    from edge.bundle import Bundle
+    from edge.pipeline import warn_thresholds_precision
+    from edge.postprocess import from_bundle
+    from edge.preprocess import to_input
+    from edge.sources import EndOfStream, open_source
+
+    cfg = config.load(args.config)
+    _ok("config", f"{cfg.path} (station {cfg.station.line}/{cfg.station.name}, {cfg.mode})")
+
+    bundle = Bundle(cfg.bundle)
+    bundle.verify_all()
+    m = bundle.manifest
+    _ok(
+        "bundle",
+        f"{bundle.root}: {m.name} v{m.version} ({m.model}/{m.backbone}), "
+        f"input {m.input.height}x{m.input.width}, {len(m.files)} files, hashes verified",
+    )
+    th = bundle.thresholds()
+    warn_thresholds_precision(th, bundle, cfg.precision)
+    _ok(
+        "thresholds",
+        f"image {th.image_threshold:.6g}, pixel {th.pixel_threshold:.6g}, "
+        f"min area {th.min_region_area} ({th.method})",
+    )
+
+    backend = load_backend(cfg.backend, bundle, cfg.precision)
+    try:
+        providers = getattr(backend, "providers", None)
+        _ok(
+            "backend",
+            f"{backend.name} {cfg.precision}, input {backend.input_shape}"
+            + (f", providers {', '.join(providers)}" if providers else ""),
+        )
+        post = from_bundle(th, bundle.image_size, cfg.preprocess, cfg.postprocess)
+
+        source = open_source(cfg.source)
+        try:
+            timeout = max(cfg.source.timeout_s, 5.0)
+            deadline = time.monotonic() + timeout
+            frame = None
+            while frame is None and time.monotonic() < deadline:
+                try:
+                    frame = source.read(timeout=max(0.0, deadline - time.monotonic()))
+                except EndOfStream:
+                    raise SourceError(f"{cfg.source.uri}: no readable frame") from None
+            if frame is None:
+                raise SourceError(f"{cfg.source.uri}: no frame within {timeout:.0f}s")
+            _ok(
+                "source",
+                f"{cfg.source.uri}: frame {frame.image.shape[1]}x{frame.image.shape[0]} "
+                f"from {frame.source}",
+            )
+        finally:
+            source.close()
+
+        t = time.monotonic()
+        maps, scores = backend.infer(
+            to_input(frame.image, bundle.image_size, cfg.preprocess.crop)[None]
+        )
+        ms = (time.monotonic() - t) * 1000
+        d = post(maps[0], float(scores[0]), frame.image.shape)
+        _ok(
+            "inference",
+            f"{ms:.1f} ms, score {d.score:.4g}, map max {float(np.max(maps)):.4g}, "
+            f"{len(d.regions)} regions -> {'reject' if d.reject else 'pass'}",
+        )
+    finally:
+        backend.close()
+
+    status = {"station": cfg.station.name, "line": cfg.station.line, "check": True}
+    _ok("broker", f"{_check_broker(cfg, status)} reachable")
+    print("all checks passed")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: `-v` before or after the subcommand both work without one overriding the other.
+    common.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="debug logging"
+    )
+
+    p = argparse.ArgumentParser(
+        prog="python -m edge", description="LineInspect device runtime.", parents=[common]
+    )
+    p.add_argument("--version", action="version", version=f"lineinspect edge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", parents=[common], help="run the station (until stopped/end of file)")
+    r.add_argument("config", help="station YAML")
+    r.add_argument(
+        "--max-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop capture after N frames (then drain)",
+    )
+    r.add_argument(
+        "--summary-json",
+        default=None,
+        metavar="FILE",
+        help="write the run summary (counts, fps, latency percentiles) as JSON",
+    )
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser(
+        "check",
+        parents=[common],
+        help="validate config, bundle, thresholds, source, backend and broker",
+    )
+    c.add_argument("config", help="station YAML")
+    c.set_defaults(func=cmd_check)
+
+    try:
+        import edge.listen as listen
+    except ModuleNotFoundError as exc:
+        if exc.name != "edge.listen":
+            raise
+    else:
+        listen.add_parser(sub)
+        lp = sub.choices.get("listen")
+        if lp is not None and lp.get_default("func") is None:
+            lp.set_defaults(func=listen.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # `check` prints its own findings; its INFO logs would only repeat them.
+    _setup_logging(getattr(args, "verbose", 0), quiet=args.command == "check")
+    try:
+        return int(args.func(args) or 0)
+    except LineInspectError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

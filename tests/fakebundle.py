@@ -1,0 +1,102 @@
+"""A real, tiny bundle for edge tests: no torch, no training.
+
+The graph (built with the onnx helper API) is a stand-in anomaly model:
+    image uint8 (B,3,H,W) -> anomaly_map = mean_c |x - 128| / 128   float32 (B,1,H,W)
+                          -> score       = max over the map           float32 (B,)
+so a uniform mid-grey frame (128) is perfectly "good" (map 0) and a black or white patch is a
+defect whose map value is ~1 exactly where the patch is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import yaml
+from onnx import TensorProto, helper
+
+from edge.bundle import FileEntry, InputSpec, Manifest, write_manifest
+
+GREY = 128
+
+
+def make_model(path: str | Path, size: tuple[int, int] = (64, 64), dynamic: bool = True) -> Path:
+    h, w = size
+    b = "B" if dynamic else 1
+    x = helper.make_tensor_value_info("image", TensorProto.UINT8, [b, 3, h, w])
+    amap = helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [b, 1, h, w])
+    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, [b])
+    c128 = helper.make_tensor("c128", TensorProto.FLOAT, [], [128.0])
+    nodes = [
+        helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["xf", "c128"], ["d"]),
+        helper.make_node("Abs", ["d"], ["ad"]),
+        helper.make_node("Div", ["ad", "c128"], ["nd"]),
+        helper.make_node("ReduceMean", ["nd"], ["anomaly_map"], axes=[1], keepdims=1),
+        helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2, 3], keepdims=0),
+    ]
+    graph = helper.make_graph(nodes, "fake_anomaly", [x], [amap, score], initializer=[c128])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests.fakebundle"
+    )
+    model.ir_version = 8  # loadable by older onnxruntime builds (JetPack ones lag behind)
+    onnx.checker.check_model(model)
+    path = Path(path)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_bundle(
+    root: str | Path,
+    size: tuple[int, int] = (64, 64),
+    *,
+    thresholds: dict | None = None,
+    with_thresholds: bool = True,
+    name: str = "fake",
+    dynamic: bool = True,
+) -> Path:
+    """Write a bundle under `root`. Default thresholds: image 0.5, pixel 0.5, min area 4."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    make_model(root / "model.onnx", size, dynamic)
+    manifest = Manifest(
+        name=name,
+        model="fake",
+        backbone="none",
+        input=InputSpec(height=size[0], width=size[1]),
+        files={"model.onnx": FileEntry("", 0)},
+        provenance={"note": "tests/fakebundle.py"},
+    )
+    write_manifest(root, manifest)
+    if with_thresholds:
+        th = {"image_threshold": 0.5, "pixel_threshold": 0.5, "min_region_area": 4}
+        th.update(thresholds or {})
+        (root / "thresholds.yaml").write_text(yaml.safe_dump(th))
+    return root
+
+
+def good_frame(shape: tuple[int, int] = (96, 128)) -> np.ndarray:
+    """(H,W,3) uint8 BGR, uniform grey: map 0, score 0."""
+    return np.full((*shape, 3), GREY, np.uint8)
+
+
+def defect_frame(
+    shape: tuple[int, int] = (96, 128), box: tuple[int, int, int, int] = (40, 30, 24, 20)
+) -> np.ndarray:
+    """Grey frame with a black (x, y, w, h) patch: map ~1 over the patch."""
+    img = good_frame(shape)
+    x, y, w, h = box
+    img[y : y + h, x : x + w] = 0
+    return img
+
+
+def write_frames(folder: str | Path, defective: set[int], n: int, shape=(96, 128)) -> Path:
+    """n PNG frames frame_000.png.. in `folder`; indices in `defective` get a defect patch."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = defect_frame(shape) if i in defective else good_frame(shape)
+        cv2.imwrite(str(folder / f"frame_{i:03d}.png"), img)
+    return folder

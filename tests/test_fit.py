@@ -1,0 +1,157 @@
+"""Data loading, fitting (determinism, resume), checkpoints and the `python -m train` CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from edge.errors import DataError
+from train.checkpoint import CheckpointError, load_checkpoint
+from train.data import fingerprint, load_good_images, split
+from train.fit import TrainConfig, fit
+
+S = 32  # model input; the smallest multiple of the coarsest stride (16) that is still useful
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _make_images(folder: Path, n: int = 6, size: int = 40) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        img = (rng.random((size, size, 3)) * 60 + 100).astype(np.uint8)
+        p = folder / f"{i:03d}.png"
+        cv2.imwrite(str(p), img)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cat")
+    _make_images(root / "train" / "good")  # MVTec layout
+    return root
+
+
+def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        data=str(data),
+        out=str(out),
+        image_size=S,
+        epochs=2,
+        batch_size=2,
+        threads=1,
+        val_fraction=0.34,
+        early_stop_patience=0,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_data_split_fingerprint_and_errors(tmp_path, good_dir):
+    train, val, info = load_good_images(good_dir, S, val_fraction=0.34)
+    assert (len(train), len(val)) == (4, 2) and info["images"] == 6
+    assert info["data_dir"].endswith("train/good")
+    x = train[0]
+    assert x.shape == (3, S, S) and x.dtype == torch.float32 and 0 <= x.min() <= x.max() <= 255
+    files = sorted((good_dir / "train" / "good").iterdir())
+    assert split(files, 0.34) == split(list(reversed(files)), 0.34)  # order-independent
+    assert split(files, 0.0) == (files, [])
+    # the fingerprint covers bytes, not just names
+    copy = tmp_path / "copy"
+    _make_images(copy)
+    assert fingerprint(sorted(copy.iterdir())) == info["data_fingerprint"]
+    cv2.imwrite(str(copy / "000.png"), np.zeros((40, 40, 3), np.uint8))
+    assert fingerprint(sorted(copy.iterdir())) != info["data_fingerprint"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="empty"):
+        load_good_images(empty, S)
+    with pytest.raises(DataError, match="missing"):
+        load_good_images(tmp_path / "missing", S)
+    (copy / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="broken.png"):
+        load_good_images(copy, S)
+
+
+def test_fit_deterministic_and_checkpoint_roundtrip(tmp_path, good_dir):
+    a = fit(_cfg(good_dir, tmp_path / "a"), progress=False)
+    b = fit(_cfg(good_dir, tmp_path / "b"), progress=False)
+    ha = json.loads((tmp_path / "a" / "history.json").read_text())
+    hb = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert len(ha) == 2 and ha == hb  # same seed -> identical losses on CPU
+    for name in ("checkpoint.pt", "last.pt", "config.yaml", "history.json", "loss.png"):
+        assert (tmp_path / "a" / name).is_file(), name
+
+    model, meta = load_checkpoint(a)
+    assert not model.training and meta["kind"] == "stpm" and meta["args"]["image_size"] == S
+    prov = meta["provenance"]
+    assert prov["images"] == 6 and prov["val_images"] == 2 and prov["epochs_run"] == 2
+    assert prov["seed"] == 0 and len(prov["data_fingerprint"]) == 64
+    assert prov["best_val_loss"] == min(h["val_loss"] for h in ha)
+    assert meta["config"]["image_size"] == S and meta["history"] == ha
+    ckpt = torch.load(a, weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][k]), k
+    x = torch.rand(1, 3, S, S) * 255
+    model2, _ = load_checkpoint(b)
+    with torch.no_grad():
+        assert torch.equal(model(x)[1], model2(x)[1])
+
+
+def test_resume_continues_identically(tmp_path, good_dir):
+    fit(_cfg(good_dir, tmp_path / "full"), progress=False)
+    fit(_cfg(good_dir, tmp_path / "part", epochs=1), progress=False)
+    fit(_cfg(good_dir, tmp_path / "part", epochs=2), resume=True, progress=False)
+    full = json.loads((tmp_path / "full" / "history.json").read_text())
+    part = json.loads((tmp_path / "part" / "history.json").read_text())
+    assert part == full
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_cli_help():
+    r = subprocess.run(
+        [sys.executable, "-m", "train", "fit", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "--resume" in r.stdout and "--config" in r.stdout
+
+
+def test_cli_bad_config_key(tmp_path, capsys, good_dir):
+    from train.__main__ import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: stpm\nepochz: 3\n")
+    rc = main(["fit", "--config", str(cfg), "--data", str(good_dir), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "epochz" in err and str(cfg) in err
+    assert len(err.strip().splitlines()) == 1
+    rc = main(["fit", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "missing" in capsys.readouterr().err
+
+
+def test_example_config_loads_and_cli_overrides():
+    from train.fit import load_config
+
+    cfg = load_config(ROOT / "configs" / "train_stpm.yaml", {"epochs": 3, "data": "x"})
+    assert cfg.model == "stpm" and cfg.epochs == 3 and cfg.data == "x"
+    assert cfg.model_args == {"stages": [1, 2, 4], "sigma": 4.0}
+    defaults = TrainConfig()
+    assert (cfg.image_size, cfg.batch_size, cfg.lr) == (
+        defaults.image_size,
+        defaults.batch_size,
+        defaults.lr,
+    )

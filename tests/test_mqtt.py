@@ -1,0 +1,523 @@
+"""Publisher and Listener against a real mosquitto started by each test."""
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from jsonschema import Draft202012Validator
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.config import MqttConfig, TlsConfig
+from edge.errors import BrokerError
+from edge.listen import Listener, main
+from edge.mqtt import Publisher, SpoolFullError, encode_event
+from edge.spool import Spool
+from tests.broker import Mosquitto, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = "lineinspect/l1/s1"
+SHA = "ab" * 32
+STATUS_INFO = {"model": "dskd-demo", "model_sha256": SHA, "config_sha256": "cd" * 32}
+SCHEMAS = {
+    name: Draft202012Validator(json.loads((REPO / "edge" / "schemas" / f"{name}.json").read_text()))
+    for name in ("reject", "result", "status", "metrics")
+}
+
+
+def make_cfg(broker, tmp_path, **kw) -> MqttConfig:
+    kw.setdefault("spool", str(tmp_path / "spool.sqlite"))
+    kw.setdefault("connect_timeout_s", 3.0)
+    kw.setdefault("reconnect_max_s", 1.0)
+    return MqttConfig(host=broker.host, port=broker.port, client_id="lineinspect-l1-s1", **kw)
+
+
+def make_reject(i: int) -> dict:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "station": "s1",
+        "line": "l1",
+        "part_id": 1000 + i,
+        "frame": i,
+        "capture_time": time.time(),
+        "score": 0.9 + i / 1000,
+        "image_threshold": 0.5,
+        "pixel_threshold": 0.4,
+        "regions": [{"bbox": [10, 20, 30, 40], "area": 900, "peak": 0.97}],
+        "model": {"name": "dskd-demo", "sha256": SHA},
+        "latency_ms": 12.5,
+        "evidence": None,
+    }
+
+
+def ids(events) -> list[str]:
+    return [e["event_id"] for e in events]
+
+
+def wait(cond, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def assert_valid(kind: str, payload: dict) -> None:
+    errors = [e.message for e in SCHEMAS[kind].iter_errors(payload)]
+    assert errors == [], f"{kind} payload invalid: {errors}"
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_rejects_results_metrics_status(mosquitto, tmp_path, protocol, caplog):
+    caplog.set_level(logging.DEBUG, logger="lineinspect")
+    cfg = make_cfg(mosquitto, tmp_path, protocol=protocol)
+    with Listener(mosquitto.host, mosquitto.port, BASE) as listener:
+        pub = Publisher(cfg, BASE, STATUS_INFO)
+        pub.start()
+        online = listener.wait_status("online", 3)
+        assert online is not None and online["model"] == "dskd-demo"
+        assert (online["line"], online["station"]) == ("l1", "s1")
+        assert_valid("status", online)
+
+        events = [make_reject(i) for i in range(40)]
+        for e in events:
+            pub.publish_reject(e)
+        result = {**make_reject(99), "decision": "pass", "regions": []}
+        metrics = {
+            "time": time.time(),
+            "fps": 25.0,
+            "frames": 1000,
+            "drops": 0,
+            "rejects": 40,
+            "reject_rate": 0.04,
+            "latency_ms": {"infer": {"p50": 5.0, "p95": 7.0, "p99": 9.0}},
+            "score_quantiles": {"p50": 0.1, "p99": 0.6},
+            "errors": {"source": 0},
+        }
+        assert pub.publish_result(result) is True
+        assert pub.publish_metrics(metrics) is True
+        assert pub.flush(5)
+        assert listener.wait_rejects(40, 5)
+        assert listener.wait_for(lambda: listener.of_kind("metrics"), 3)
+
+        got = listener.rejects()
+        assert ids(got) == ids(events)  # all, once, in order (one connection, no outage)
+        for payload in got:
+            assert_valid("reject", payload)
+        assert got[0] == json.loads(json.dumps(events[0]))
+        assert_valid("result", listener.of_kind("result")[0].payload)
+        assert_valid("metrics", listener.of_kind("metrics")[0].payload)
+        st = pub.stats()
+        assert st["published"] == st["acked"] == 40
+        assert st["spooled"] == 0 and st["refused"] == 0 and st["connected"] is True
+
+        # A consumer drops a repeated event id (the publisher may send one twice, never zero times).
+        raw = mqtt.Client(CallbackAPIVersion.VERSION2)
+        raw.connect(mosquitto.host, mosquitto.port)
+        raw.loop_start()
+        raw.publish(f"{BASE}/reject", json.dumps(events[0]), qos=1).wait_for_publish(3)
+        raw.disconnect()
+        raw.loop_stop()
+        assert listener.wait_for(lambda: listener.duplicates == 1, 3)
+        assert len(listener.rejects()) == 40
+
+        pub.close()
+        offline = listener.wait_status("offline", 3)
+        assert offline is not None and offline["reason"] == "shutdown"
+        assert_valid("status", offline)
+        pub.close()  # idempotent
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+    with Listener(mosquitto.host, mosquitto.port, BASE) as late:  # retained
+        assert late.wait_status("offline", 3) is not None
+        assert late.of_kind("status")[-1].retained
+
+
+def _publisher_process(broker, spool: Path) -> subprocess.Popen:
+    """A publisher in a child process: prints 'ready', then publishes N rejects per stdin line N."""
+    code = f"""
+import sys, time, uuid
+from edge.config import MqttConfig, TlsConfig
+from edge.mqtt import Publisher
+cfg = MqttConfig(host={broker.host!r}, port={broker.port}, spool={str(spool)!r},
+                 client_id="lineinspect-l1-s1", connect_timeout_s=5, reconnect_max_s=1)
+pub = Publisher(cfg, {BASE!r}, {{"model": "child"}})
+pub.start()
+print("ready", flush=True)
+for line in sys.stdin:
+    for i in range(int(line)):
+        pub.publish_reject({{"event_id": str(uuid.uuid4()), "i": i}})
+    print("published", flush=True)
+time.sleep(60)
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.mark.broker
+def test_last_will_when_the_process_dies(mosquitto, tmp_path):
+    with Listener(mosquitto.host, mosquitto.port, BASE) as listener:
+        proc = _publisher_process(mosquitto, tmp_path / "spool.sqlite")
+        try:
+            online = listener.wait_status("online", 3)
+            assert online is not None and online["model"] == "child"
+            proc.kill()  # SIGKILL: no DISCONNECT, the broker sees the socket die
+            offline = listener.wait_status("offline", 3)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert offline is not None and offline["reason"] == "connection lost (last will)"
+        assert offline["model"] == "child"
+        assert_valid("status", offline)
+
+
+@pytest.mark.broker
+def test_unreachable_broker_fails_start_clearly(tmp_path):
+    port = free_port()  # nothing listens there
+    cfg = MqttConfig(port=port, spool=str(tmp_path / "spool.sqlite"), connect_timeout_s=1.5)
+    pub = Publisher(cfg, BASE, STATUS_INFO)
+    t0 = time.monotonic()
+    with pytest.raises(BrokerError) as exc:
+        pub.start()
+    elapsed = time.monotonic() - t0
+    msg = str(exc.value)
+    assert msg.startswith(f"cannot reach MQTT broker at 127.0.0.1:{port}: ")
+    assert "refused" in msg.lower() and "(waited 1." in msg and "\n" not in msg
+    assert 1.4 < elapsed < 4.0
+    pub.close()  # nothing to flush, must not hang
+    assert not any(t.name == "lineinspect-mqtt" for t in threading.enumerate())
+
+
+@pytest.mark.broker
+def test_credentials_from_env_and_refusal(tmp_path, monkeypatch, caplog):
+    pwfile = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "li", "s3cret-pw"], check=True)
+    caplog.set_level(logging.DEBUG, logger="lineinspect")
+    with Mosquitto(tmp_path, allow_anonymous=False, extra_conf=f"password_file {pwfile}") as broker:
+        monkeypatch.setenv("LINEINSPECT_MQTT_PASSWORD", "bad-pw-123")
+        pub = Publisher(make_cfg(broker, tmp_path, username="li"), BASE, STATUS_INFO)
+        t0 = time.monotonic()
+        with pytest.raises(
+            BrokerError,
+            match=r"at 127\.0\.0\.1:\d+: connection refused by the broker: (Bad user name or password|Not authorized)",
+        ):
+            pub.start()
+        assert time.monotonic() - t0 < 2.0  # a refusal is final: no waiting out the timeout
+        pub.close()
+
+        monkeypatch.setenv("LINEINSPECT_MQTT_PASSWORD", "s3cret-pw")
+        pub = Publisher(make_cfg(broker, tmp_path, username="li"), BASE, STATUS_INFO)
+        pub.start()
+        pub.publish_reject(make_reject(0))
+        assert pub.flush(3)
+        pub.close()
+    assert "s3cret-pw" not in caplog.text and "bad-pw-123" not in caplog.text
+
+
+EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
+def _openssl(*args) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+def _make_ca(d: Path, name: str) -> Path:
+    crt = d / f"{name}.crt"
+    _openssl(
+        "req",
+        "-x509",
+        *EC_KEY,
+        "-keyout",
+        d / f"{name}.key",
+        "-out",
+        crt,
+        "-days",
+        2,
+        "-subj",
+        f"/CN={name}",
+    )
+    return crt
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls(tmp_path):
+    ca = _make_ca(tmp_path, "ca")
+    other_ca = _make_ca(tmp_path, "other-ca")
+    key, csr, crt = tmp_path / "server.key", tmp_path / "server.csr", tmp_path / "server.crt"
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("req", *EC_KEY, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+    sign = ("-CA", ca, "-CAkey", tmp_path / "ca.key", "-CAcreateserial", "-days", 2)
+    _openssl("x509", "-req", "-in", csr, *sign, "-out", crt, "-extfile", tmp_path / "san.ext")
+    tls_conf = f"cafile {ca}\ncertfile {crt}\nkeyfile {key}"
+    with Mosquitto(tmp_path, extra_conf=tls_conf) as broker:
+        tls = TlsConfig(ca_certs=str(ca))
+        with Listener(broker.host, broker.port, BASE, tls=tls) as listener:
+            pub = Publisher(make_cfg(broker, tmp_path, tls=tls), BASE, STATUS_INFO)
+            pub.start()
+            event = make_reject(0)
+            pub.publish_reject(event)
+            assert pub.flush(3)
+            assert listener.wait_rejects(1, 3)
+            assert ids(listener.rejects()) == [event["event_id"]]
+            pub.close()
+
+        wrong_ca = TlsConfig(ca_certs=str(other_ca))
+        pub = Publisher(make_cfg(broker, tmp_path, tls=wrong_ca, connect_timeout_s=1), BASE)
+        with pytest.raises(
+            BrokerError, match=r"127\.0\.0\.1:\d+: TLS: .*certificate verify failed"
+        ):
+            pub.start()
+        pub.close()
+
+        no_file = TlsConfig(ca_certs=str(tmp_path / "nope.crt"))
+        pub = Publisher(make_cfg(broker, tmp_path, tls=no_file), BASE)
+        with pytest.raises(BrokerError, match=r"TLS setup failed: .*No such file"):
+            pub.start()
+        pub.close()
+
+
+@pytest.mark.broker
+def test_broker_killed_and_restarted_loses_nothing(tmp_path):
+    # The reject gate listens with a persistent session on a broker with persistence, so events
+    # the broker accepts while the gate is reconnecting are queued for it.
+    with Mosquitto(tmp_path, persistence=True) as broker:
+        gate = Listener(broker.host, broker.port, BASE, client_id="gate", persistent=True).start()
+        pub = Publisher(make_cfg(broker, tmp_path), BASE, STATUS_INFO)
+        try:
+            pub.start()
+            before = [make_reject(i) for i in range(10)]
+            for e in before:
+                pub.publish_reject(e)
+            assert gate.wait_rejects(10, 5)
+            assert pub.flush(3)
+
+            broker.kill()
+            assert wait(lambda: not pub.stats()["connected"], 5)
+            during = [make_reject(100 + i) for i in range(10)]
+            for e in during:
+                pub.publish_reject(e)  # never blocks, never raises: spooled
+            assert pub.stats()["spooled"] == 10
+            assert not pub.flush(0.2)
+
+            broker.start()
+            after = [make_reject(200 + i) for i in range(10)]
+            assert wait(lambda: pub.stats()["connected"], 5)
+            for e in after:
+                pub.publish_reject(e)
+            assert pub.flush(5)
+            assert gate.wait_rejects(30, 8), f"got {len(gate.rejects())} of 30"
+            assert set(ids(gate.rejects())) == set(ids(before + during + after))
+            assert ids(gate.rejects())[:10] == ids(before)
+            st = pub.stats()
+            assert st["reconnects"] >= 1 and st["disconnects"] >= 1 and st["spooled"] == 0
+        finally:
+            pub.close()
+            gate.stop()
+
+
+@pytest.mark.broker
+def test_half_open_connection_paho_resends_in_flight_once(tmp_path):
+    # The broker freezes (SIGSTOP: no RST, like a pulled cable): rejects go out on a socket nobody
+    # reads and stay in flight inside paho. When the broker comes back, paho re-sends them itself
+    # and the spool pass skips them: every event arrives, in order, none twice.
+    with Mosquitto(tmp_path, persistence=True) as broker:
+        gate = Listener(broker.host, broker.port, BASE, client_id="gate", persistent=True).start()
+        pub = Publisher(make_cfg(broker, tmp_path), BASE, STATUS_INFO)
+        try:
+            pub.start()
+            assert gate.wait_status("online", 3)
+            broker.proc.send_signal(signal.SIGSTOP)
+            events = [make_reject(i) for i in range(60)]  # more than paho's 20 in flight
+            for e in events:
+                pub.publish_reject(e)
+            st = pub.stats()
+            assert st["connected"] and st["inflight"] == 60 and st["spooled"] == 60
+            broker.kill()
+            broker.start()
+            assert pub.flush(5)
+            assert gate.wait_rejects(60, 5)
+            assert ids(gate.rejects()) == ids(events)
+            assert gate.duplicates == 0
+            assert pub.stats()["published"] == 60  # paho re-sent them, not the spool pass
+        finally:
+            pub.close()
+            gate.stop()
+
+
+@pytest.mark.broker
+def test_spool_replayed_by_the_next_publisher(tmp_path):
+    with Mosquitto(tmp_path, persistence=True) as broker:
+        gate = Listener(broker.host, broker.port, BASE, client_id="gate", persistent=True).start()
+        try:
+            first = Publisher(make_cfg(broker, tmp_path), BASE, STATUS_INFO)
+            first.start()
+            broker.stop()
+            assert wait(lambda: not first.stats()["connected"], 5)
+            events = [make_reject(i) for i in range(5)]
+            for e in events:
+                first.publish_reject(e)
+            first.close(timeout_s=0.2)  # cannot flush: the events stay in the spool file
+            with Spool(tmp_path / "spool.sqlite") as left:
+                assert len(left) == 5
+
+            broker.start()
+            second = Publisher(make_cfg(broker, tmp_path), BASE, STATUS_INFO)
+            second.start()
+            try:
+                assert second.flush(5)
+                assert gate.wait_rejects(5, 5)
+                assert ids(gate.rejects()) == ids(events)  # oldest first
+            finally:
+                second.close()
+        finally:
+            gate.stop()
+
+
+@pytest.mark.broker
+def test_spool_survives_a_publisher_crash(tmp_path):
+    spool = tmp_path / "spool.sqlite"
+    with Mosquitto(tmp_path, persistence=True) as broker:
+        gate = Listener(broker.host, broker.port, BASE, client_id="gate", persistent=True).start()
+        try:
+            proc = _publisher_process(broker, spool)
+            try:
+                broker.kill()
+                proc.stdin.write("7\n")
+                proc.stdin.flush()
+                assert proc.stdout.readline().strip() == "published"
+            finally:
+                proc.kill()
+                proc.wait()
+            with Spool(spool) as left:
+                assert len(left) == 7
+
+            broker.start()
+            pub = Publisher(make_cfg(broker, tmp_path, spool=str(spool)), BASE, STATUS_INFO)
+            pub.start()
+            try:
+                assert pub.flush(5)
+                assert gate.wait_rejects(7, 5)
+                assert sorted(e["i"] for e in gate.rejects()) == list(range(7))
+            finally:
+                pub.close()
+        finally:
+            gate.stop()
+
+
+@pytest.mark.broker
+def test_refused_pubacks_alarms_and_full_spool(tmp_path, caplog):
+    # MQTT 5: the broker refuses the reject topic (ACL) with a PUBACK reason code; the events
+    # stay spooled, alarms go out on status, a full spool raises, and everything is delivered once
+    # the broker accepts the topic again.
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic read #\ntopic readwrite {BASE}/status\n")
+    caplog.set_level(logging.WARNING, logger="lineinspect.mqtt")
+    with Mosquitto(tmp_path, persistence=True, extra_conf=f"acl_file {acl}") as broker:
+        gate = Listener(broker.host, broker.port, BASE, client_id="gate", persistent=True).start()
+        pub = Publisher(make_cfg(broker, tmp_path, spool_max_events=10), BASE, STATUS_INFO)
+        try:
+            pub.start()
+            events = [make_reject(i) for i in range(10)]
+            for e in events:
+                pub.publish_reject(e)
+            assert wait(lambda: pub.stats()["refused"] == 10, 3)
+            with pytest.raises(SpoolFullError, match="is full"):
+                pub.publish_reject(make_reject(10))
+            st = pub.stats()
+            assert st["spooled"] == 10 and st["acked"] == 0 and st["spool_full"] == 1
+            assert st["alarm"] == "spool 100% full"
+            alarms = lambda: [e.payload.get("alarm") for e in gate.of_kind("status")]  # noqa: E731
+            assert gate.wait_for(lambda: "spool 100% full" in alarms(), 3)
+            assert [a for a in alarms() if a] == [
+                "spool 50% full",
+                "spool 90% full",
+                "spool 100% full",
+            ]
+            assert "Not authorized" in caplog.text and "50% full" in caplog.text
+            assert gate.rejects() == []
+
+            broker.extra_conf = ""  # the broker now accepts the topic
+            broker.restart()
+            assert pub.flush(6)
+            assert gate.wait_rejects(10, 5)
+            assert set(ids(gate.rejects())) == set(ids(events))
+            assert gate.wait_for(lambda: gate.last_status().get("alarm") is None, 3)
+            assert pub.stats()["alarm"] is None
+        finally:
+            pub.close()
+            gate.stop()
+
+
+@pytest.mark.broker
+def test_listen_command(mosquitto, tmp_path, capsys):
+    station = tmp_path / "station.yaml"
+    station.write_text(
+        "bundle: bundle\nsource: {uri: 'file://frames/'}\nstation: {line: l1, name: s1}\n"
+        f"mqtt: {{host: 127.0.0.1, port: {mosquitto.port}, connect_timeout_s: 3,"
+        f" spool: {tmp_path / 'spool.sqlite'}}}\n"
+    )
+    assert main([str(station), "--count", "1", "--timeout", "0.3"]) == 1  # nothing came
+
+    rc: list[int] = []
+    cli = threading.Thread(target=lambda: rc.append(main([str(station), "--count", "2"])))
+    cli.start()
+    pub = Publisher(make_cfg(mosquitto, tmp_path), BASE, STATUS_INFO)
+    pub.start()
+    try:
+        sent = 0
+        while cli.is_alive() and sent < 100:  # until the listener, subscribing meanwhile, has 2
+            pub.publish_reject(make_reject(sent))
+            sent += 1
+            cli.join(0.05)
+    finally:
+        pub.close()
+    assert rc == [0]
+    out = capsys.readouterr().out
+    assert out.count("REJECT part=") == 2 and "regions=1 event=" in out
+
+    assert main([str(station), "--timeout", "0.5", "--json"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(line)["payload"]["state"] == "offline"  # the retained status
+
+
+def test_encode_event_never_fails_on_numpy_or_nan():
+    event = {
+        "event_id": "e",
+        "score": np.float32(0.5),
+        "frame": np.int64(7),
+        "bbox": np.array([1, 2, 3, 4]),
+        "peak": math.nan,
+        "t": (1, 2),
+        "path": Path("/x"),
+    }
+    assert json.loads(encode_event(event)) == {
+        "event_id": "e",
+        "score": 0.5,
+        "frame": 7,
+        "bbox": [1, 2, 3, 4],
+        "peak": None,
+        "t": [1, 2],
+        "path": "/x",
+    }

@@ -1,0 +1,1 @@
+"""Training side of LineInspect: datasets, backbones, models, fitting (torch)."""

@@ -1,0 +1,309 @@
+"""Fit an anomaly model on good images. Short and top to bottom (nanoGPT style).
+
+    cfg = typedconfig.load(TrainConfig, "configs/train_stpm.yaml"); fit(cfg) -> out/checkpoint.pt
+
+Outputs in cfg.out: checkpoint.pt (best validation loss), last.pt (resume state, every epoch),
+config.yaml (resolved), history.json, loss.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edge import typedconfig
+from edge.errors import ConfigError
+from train.backbones import BACKBONES
+from train.data import AUGMENTATIONS, load_good_images
+from train.models import MODELS, build_model
+
+
+@dataclass
+class TrainConfig:
+    """Training config (configs/train_stpm.yaml documents every field).
+
+    Defaults suit the demo: ~60 good images at 256 px on 2 CPU cores in ~2-3 minutes.
+    """
+
+    model: str = "stpm"
+    model_args: dict[str, Any] = field(default_factory=dict)  # extra model kwargs (stages, ...)
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 256
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    seed: int = 0
+    val_fraction: float = 0.1
+    early_stop_patience: int = 5  # epochs without val improvement; 0 = never stop early
+    device: Literal["cpu", "cuda"] = "cpu"
+    num_workers: int = 0
+    augment: list[str] = field(default_factory=list)  # subset of train.data.AUGMENTATIONS
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    data: str = ""  # MVTec category dir (train/good is used) or a folder of good images
+    out: str = "runs/train"
+
+    def validate(self) -> None:
+        """Raise ValueError "<key>: <problem>" on an invalid value."""
+        if self.model not in MODELS:
+            raise ValueError(f"model: unknown kind {self.model!r} (valid: {', '.join(MODELS)})")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone: unknown {self.backbone!r} (valid: {', '.join(BACKBONES)})")
+        for key in ("backbone", "image_size"):
+            if key in self.model_args:
+                raise ValueError(f"model_args.{key}: set the top-level key {key} instead")
+        positive = ("image_size", "epochs", "batch_size")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        for key in ("weight_decay", "seed", "early_stop_patience", "num_workers", "threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        bad = sorted(set(self.augment) - set(AUGMENTATIONS))
+        if bad:
+            raise ValueError(f"augment: unknown {bad} (valid: {', '.join(AUGMENTATIONS)})")
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """YAML file (optional) + overrides (e.g. CLI flags, None values ignored) -> TrainConfig.
+
+    Raises ConfigError naming the file and key.
+    """
+    data = typedconfig.read_yaml(path) if path is not None else {}
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    source = str(path) if path is not None else "<command line>"
+    return typedconfig.from_dict(TrainConfig, data, source=source)
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g  # drives the DataLoader shuffle order
+
+
+def _rng_state(loader_gen: torch.Generator) -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "loader": loader_gen.get_state(),
+    }
+
+
+def _set_rng_state(state: dict, loader_gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    loader_gen.set_state(state["loader"])
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    if any(h["val_loss"] is not None for h in history):
+        ax.plot(ep, [h["val_loss"] for h in history], "s-", label="validation (held-out good)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train cfg.model on the good images of cfg.data; return the path of out/checkpoint.pt.
+
+    Args:
+        cfg: the resolved config.
+        resume: continue from out/last.pt (same model, data and seed required).
+        progress: show a tqdm bar (loss in postfix).
+    Raises:
+        ConfigError (bad value, CUDA missing, resume mismatch), DataError (bad image set).
+    """
+    # ---- config, device, output dir
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise ConfigError(f"config: {exc}") from exc
+    if not cfg.data:
+        raise ConfigError("config: data: required (MVTec category dir or folder of good images)")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config: device: cuda requested but torch sees no CUDA device")
+    device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loader_gen = _seed_everything(cfg.seed)
+
+    # ---- data: deterministic split of good images; val is never augmented
+    train_set, val_set, data_info = load_good_images(
+        cfg.data, cfg.image_size, cfg.val_fraction, cfg.augment
+    )
+    # drop_last keeps BatchNorm statistics away from a batch of 1 (only when >1 batch exists)
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > cfg.batch_size,
+        num_workers=cfg.num_workers,
+        generator=loader_gen,
+    )
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size)
+
+    # ---- model and optimizer (only trainable parameters: the student(s); teachers are frozen)
+    model_args = {**cfg.model_args, "backbone": cfg.backbone, "image_size": cfg.image_size}
+    try:
+        model = build_model(cfg.model, **model_args).to(device)
+    except ValueError as exc:
+        raise ConfigError(f"config: {exc}") from exc
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    resolved = typedconfig.to_dict(cfg)
+    typedconfig.dump(cfg, out / "config.yaml")
+
+    history: list[dict] = []
+    start_epoch, best_val, best_state, bad_epochs = 0, float("inf"), None, 0
+    last_path = out / "last.pt"
+    if resume:
+        if not last_path.is_file():
+            raise ConfigError(f"{last_path}: nothing to resume (no last.pt in {out})")
+        # CPU: RNG states must stay CPU tensors; load_state_dict moves weights/optimizer state
+        # to the model's device. weights_only=False: our own file, holding numpy RNG state.
+        last = torch.load(last_path, map_location="cpu", weights_only=False)
+        if last["kind"] != cfg.model or last["args"] != model.args:
+            raise ConfigError(f"{last_path}: was trained with a different model or model args")
+        if last["provenance"]["data_fingerprint"] != data_info["data_fingerprint"]:
+            raise ConfigError(f"{last_path}: was trained on different data than {cfg.data}")
+        model.load_state_dict(last["state_dict"])
+        optimizer.load_state_dict(last["optimizer"])
+        history, start_epoch = last["history"], last["epoch"]
+        best_val, best_state, bad_epochs = last["best_val"], last["best_state"], last["bad_epochs"]
+        _set_rng_state(last["rng"], loader_gen)
+
+    # ---- training loop
+    t0 = time.monotonic()
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.early_stop_patience and bad_epochs >= cfg.early_stop_patience:
+            stopped_early = True
+            break
+        model.train()  # the teacher overrides train() and stays in eval mode
+        total, n = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+        for x in bar:
+            x = x.to(device, non_blocking=True)  # (B,3,S,S) float 0..255
+            loss = model.training_loss(x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, n = total + loss.item() * len(x), n + len(x)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        train_loss = total / max(n, 1)
+
+        # Validation: the same loss on held-out good images, student in eval mode (BN running
+        # statistics, as deployed). Lower = the student imitates the teacher on unseen normal
+        # parts, which is what keeps false rejects down.
+        model.eval()
+        val_loss = None
+        if len(val_set):
+            with torch.no_grad():
+                vt, vn = 0.0, 0
+                for x in val_loader:
+                    x = x.to(device)
+                    vt, vn = vt + model.training_loss(x).item() * len(x), vn + len(x)
+            val_loss = vt / vn
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss})
+        bar.set_postfix(
+            loss=f"{train_loss:.4f}", val="-" if val_loss is None else f"{val_loss:.4f}"
+        )
+        bar.close()
+
+        # Best = lowest val loss (lowest train loss without a validation set).
+        crit = val_loss if val_loss is not None else train_loss
+        if crit < best_val:
+            best_val, bad_epochs = crit, 0
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        provenance = {
+            **data_info,
+            "epochs_run": epoch + 1,
+            "seed": cfg.seed,
+            "best_val_loss": best_val,
+            "torch_version": str(torch.__version__),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        torch.save(
+            {
+                "kind": cfg.model,
+                "args": copy.deepcopy(model.args),
+                "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "best_val": best_val,
+                "best_state": best_state,
+                "bad_epochs": bad_epochs,
+                "rng": _rng_state(loader_gen),
+                "provenance": provenance,
+            },
+            last_path,
+        )
+
+    # ---- best checkpoint + reports
+    if best_state is None:  # resumed a run that had already finished every epoch
+        best_state = model.state_dict()
+    provenance = {
+        **data_info,
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "seed": cfg.seed,
+        "best_val_loss": best_val,
+        "train_seconds": round(time.monotonic() - t0, 1),
+        "torch_version": str(torch.__version__),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    ckpt_path = out / "checkpoint.pt"
+    torch.save(
+        {
+            "kind": cfg.model,
+            "args": copy.deepcopy(model.args),
+            "state_dict": best_state,
+            "config": resolved,
+            "provenance": provenance,
+            "history": history,
+        },
+        ckpt_path,
+    )
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    _plot(history, out / "loss.png")
+    return ckpt_path

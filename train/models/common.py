@@ -1,0 +1,140 @@
+"""Pieces shared by every model; all of them export to ONNX opset 17 with static shapes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """Raw pixels -> backbone input, inside the graph (no train/serve skew).
+
+    x_norm = (x - mean) / std, written as x * (1/std) + (-mean/std) so it is one Mul + Add that
+    TensorRT folds into the first convolution.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        # Non-persistent: derived from the backbone registry, not learned, not in checkpoints.
+        self.register_buffer("scale", 1.0 / std_t, persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (B,3,H,W) float 0..255 RGB. Returns: (B,3,H,W) normalised."""
+        return x * self.scale + self.shift
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """1 - cosine similarity between channel vectors at every position.
+
+    FP16 headroom (the model.fp16.onnx engine): each side is L2-normalised separately rather
+    than dividing by |a|*|b|, and scaled by 1/8 first (exact in binary, cosine is scale-free).
+    EfficientNet-Lite teacher features reach |f|^2 ~ 1.6e4 per position on our data, a
+    quarter of FP16's max 65504; after the 1/8 scale it is ~260.
+
+    Args:
+        a, b: (B,C,h,w).
+    Returns:
+        (B,1,h,w) in [0, 2].
+    """
+    a = a * 0.125
+    b = b * 0.125
+    a = a * torch.rsqrt(a.pow(2).sum(1, keepdim=True) + eps)
+    b = b * torch.rsqrt(b.pow(2).sum(1, keepdim=True) + eps)
+    return 1.0 - (a * b).sum(1, keepdim=True)
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian, radius 4 sigma (anomalib's convention). Returns (K,)."""
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+class GaussianBlur(nn.Module):
+    """Fixed separable Gaussian smoothing of a (B,1,H,W) map, border-corrected.
+
+    Two 1-D convolutions (1xK then Kx1) with zero padding, then a multiply by a precomputed
+    (1,1,H,W) map 1/blur(ones): at the border this renormalises the truncated kernel, so edges
+    are neither darkened (zero padding) nor need a reflect Pad (not every TensorRT version
+    supports it). Only Conv + Mul in the graph.
+    """
+
+    def __init__(self, sigma: float, size: tuple[int, int]):
+        super().__init__()
+        self.sigma = float(sigma)
+        if self.sigma <= 0:
+            self.register_buffer("kx", torch.ones(1, 1, 1, 1), persistent=False)
+            self.register_buffer("ky", torch.ones(1, 1, 1, 1), persistent=False)
+            self.register_buffer("norm", torch.ones(1, 1, *size), persistent=False)
+            self.pad = 0
+            return
+        k = gaussian_kernel1d(self.sigma)
+        self.pad = k.numel() // 2
+        self.register_buffer("kx", k.view(1, 1, 1, -1), persistent=False)  # (1,1,1,K)
+        self.register_buffer("ky", k.view(1, 1, -1, 1), persistent=False)  # (1,1,K,1)
+        with torch.no_grad():
+            ones = torch.ones(1, 1, *size)
+            self.register_buffer("norm", 1.0 / self._blur(ones), persistent=False)
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.kx, padding=(0, self.pad))
+        return F.conv2d(x, self.ky, padding=(self.pad, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (B,1,H,W). Returns: (B,1,H,W)."""
+        if self.pad == 0:
+            return x
+        return self._blur(x) * self.norm
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int], stride: int | None = None) -> torch.Tensor:
+    """Bilinear resize (B,C,h,w) -> (B,C,H,W); align_corners=False, ONNX Resize 'linear'.
+
+    Give `stride` (= H/h, a whole number) when known: the exporter then writes constant scales,
+    instead of a Shape->Slice->Concat subgraph computing the sizes. Same values either way.
+    """
+    if stride is not None:
+        s = float(stride)
+        return F.interpolate(x, scale_factor=(s, s), mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def map_and_score(
+    dists: list[torch.Tensor],
+    size: tuple[int, int],
+    blur: GaussianBlur,
+    strides: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-scale distance maps -> (anomaly_map, score).
+
+    Args:
+        dists: [(B,1,h_i,w_i)] per-scale discrepancies (e.g. cosine distance).
+        size: (H, W) input resolution.
+        blur: the model's GaussianBlur.
+        strides: stride of each map (h_i * stride_i == H), for constant Resize scales.
+    Returns:
+        anomaly_map (B,1,H,W): mean over scales of the upsampled maps, then smoothed. The mean
+            (not the sum) keeps the map in the same range whatever the number of scales.
+        score (B,): max of the smoothed map. The max, because a defect is usually a small region
+            and a mean over the image would dilute it; taking it after smoothing makes it the
+            strongest *regional* evidence rather than one noisy pixel.
+    """
+    strides = strides or [None] * len(dists)
+    amap = upsample(dists[0], size, strides[0])
+    for d, st in zip(dists[1:], strides[1:], strict=True):
+        amap = amap + upsample(d, size, st)
+    amap = blur(amap * (1.0 / len(dists)))
+    score = amap.amax(dim=(1, 2, 3))
+    return amap, score
+
+
+def check_image_size(image_size: int, stride: int) -> int:
+    """Image size must be a positive multiple of the coarsest stride (clean feature grids)."""
+    if not isinstance(image_size, int) or image_size <= 0 or image_size % stride:
+        raise ValueError(f"image_size must be a positive multiple of {stride}, got {image_size!r}")
+    return image_size
