@@ -56,6 +56,10 @@ class Listener:
     `persistent=True` keeps a broker session under a stable `client_id` (clean_start False with a
     session expiry on MQTT 5, clean_session False on 3.1.1): a consumer that must not miss a
     reject while it is offline (the reject gate) listens this way.
+
+    Duplicates are recognised among the last `dedupe_window` reject ids. `keep_events=False`
+    keeps no history (`events`, `of_kind`, `wait_status` see nothing; `on_event` and the
+    counters still work): memory stays flat in a consumer that runs for months.
     """
 
     def __init__(

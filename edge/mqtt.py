@@ -211,6 +211,7 @@ class Publisher:
         self._client: DiagnosingClient | None = None
         self._worker: threading.Thread | None = None
         self._first_connack = threading.Event()
+        self._first_connect_handled = threading.Event()  # the worker has set _connected
         self._first_connack_rc: Any = None
         self._has_connected = False
         self._failed_attempts = 0  # consecutive failed connection attempts (logging only)
@@ -221,8 +222,16 @@ class Publisher:
 
     # -- life cycle ------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Connect (waiting up to cfg.connect_timeout_s for the first CONNACK) or raise BrokerError."""
+    def start(self, required: bool = True) -> None:
+        """Connect, waiting up to cfg.connect_timeout_s for the first CONNACK.
+
+        required=True: raise BrokerError (one line: address, reason, time waited) when no
+        connection came up. required=False: log that error and return; the client keeps
+        retrying in the background and rejects are spooled until the broker accepts it (for a
+        station that must inspect even when its broker is down, refusing or misconfigured at
+        start-up, instead of exiting and being restarted in a loop). A TLS setup error (missing
+        or unreadable certificate file) always raises: no retry can fix it.
+        """
         if self._closed:
             raise BrokerError("MQTT publisher is closed")
         if self._client is not None:
@@ -277,15 +286,18 @@ class Publisher:
         self._worker.start()
         client.loop_start()
 
+        if not v5:
+            log.warning(
+                "MQTT 3.1.1: a broker that denies %s (ACL) still acknowledges and drops the "
+                "events; only MQTT 5 reports the refusal (protocol: '5')",
+                self.topics["reject"],
+            )
         got = self._first_connack.wait(cfg.connect_timeout_s)
         rc = self._first_connack_rc
         if got and rc is not None and not rc.is_failure:
-            if not v5:
-                log.warning(
-                    "MQTT 3.1.1: a broker that denies %s (ACL) still acknowledges and drops the "
-                    "events; only MQTT 5 reports the refusal (protocol: '5')",
-                    self.topics["reject"],
-                )
+            # The worker marks the client connected just after the CONNACK callback; wait for
+            # it, or results and metrics published right after start() would count as dropped.
+            self._first_connect_handled.wait(5.0)
             return
         if got:
             reason = f"connection refused by the broker: {rc}"
@@ -296,6 +308,15 @@ class Publisher:
         else:
             reason = "no CONNACK from the broker (TCP connected: wrong port, TLS expected, or a stalled broker?)"
         error = self._start_error(reason, t0)
+        if not required:
+            log.error(
+                "%s; running without it: rejects are spooled in %s until the broker accepts "
+                "the connection (retrying every <= %g s)",
+                error,
+                self.spool.path,
+                cfg.reconnect_max_s,
+            )
+            return
         self._stop_threads()
         raise error
 
@@ -670,6 +691,7 @@ class Publisher:
                 self._counts["reconnects"] += 1
             self._has_connected = True
             self._connected = True
+            self._first_connect_handled.set()
             self._publish_locked(
                 self.topics["status"], self._status_payload("online"), qos=1, retain=True
             )

@@ -25,6 +25,7 @@ from edge.listen import Listener, main
 from edge.mqtt import Publisher, SpoolFullError, encode_event
 from edge.spool import Spool
 from tests.broker import Mosquitto, free_port
+from tests.certs import have_openssl, make_ca, make_cert, tls_listener_conf
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "lineinspect/l1/s1"
@@ -40,7 +41,8 @@ def make_cfg(broker, tmp_path, **kw) -> MqttConfig:
     kw.setdefault("spool", str(tmp_path / "spool.sqlite"))
     kw.setdefault("connect_timeout_s", 3.0)
     kw.setdefault("reconnect_max_s", 1.0)
-    return MqttConfig(host=broker.host, port=broker.port, client_id="lineinspect-l1-s1", **kw)
+    kw.setdefault("port", broker.port)
+    return MqttConfig(host=broker.host, client_id="lineinspect-l1-s1", **kw)
 
 
 def make_reject(i: int) -> dict:
@@ -521,3 +523,171 @@ def test_encode_event_never_fails_on_numpy_or_nan():
         "t": [1, 2],
         "path": "/x",
     }
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not have_openssl(), reason="needs the openssl command")
+def test_tls_client_certificate(tmp_path):
+    # A listener that wants a client certificate: refused without one (the message says why),
+    # accepted with one signed by its CA; the listener authenticates the same way.
+    ca = make_ca(tmp_path, "ca")
+    server = make_cert(tmp_path, "server", ca, server=True)
+    client = make_cert(tmp_path, "client", ca)
+    tls_port = free_port()
+    conf = tls_listener_conf(tls_port, ca, server, require_certificate=True)
+    with Mosquitto(tmp_path, extra_conf=conf) as broker:
+        no_cert = TlsConfig(ca_certs=str(ca.crt))
+        pub = Publisher(make_cfg(broker, tmp_path, port=tls_port, tls=no_cert), BASE)
+        with pytest.raises(BrokerError, match=r"closed before CONNACK: .*certificate required"):
+            pub.start()
+        assert pub.stats()["connect_failures"] >= 1
+        pub.close()
+
+        tls = TlsConfig(ca_certs=str(ca.crt), certfile=str(client.crt), keyfile=str(client.key))
+        with Listener(broker.host, tls_port, BASE, tls=tls) as listener:
+            pub = Publisher(make_cfg(broker, tmp_path, port=tls_port, tls=tls), BASE, STATUS_INFO)
+            pub.start()
+            try:
+                event = make_reject(0)
+                pub.publish_reject(event)
+                assert pub.flush(3)
+                assert listener.wait_rejects(1, 3)
+                assert ids(listener.rejects()) == [event["event_id"]]
+            finally:
+                pub.close()
+
+
+@pytest.mark.broker
+def test_connection_failures_counted_and_logged_once_per_outage(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="lineinspect")
+    with Mosquitto(tmp_path) as broker:
+        pub = Publisher(make_cfg(broker, tmp_path, reconnect_max_s=0.2), BASE, STATUS_INFO)
+        pub.start()
+        try:
+            broker.stop()
+            assert wait(lambda: pub.stats()["connect_failures"] >= 3, 10)
+            warned = [
+                r
+                for r in caplog.records
+                if r.levelno == logging.WARNING and "cannot connect to MQTT broker" in r.message
+            ]
+            failures = pub.stats()["connect_failures"]
+            assert 1 <= len(warned) < failures  # the 1st, 10th, 100th... attempt, not each one
+            assert "retrying every <= 0.2 s" in warned[0].message
+            assert not [r for r in caplog.records if "failed to receive on socket" in r.message]
+
+            pub.publish_reject(make_reject(0))  # spooled meanwhile
+            broker.start()
+            assert pub.flush(5)
+            assert pub.stats()["reconnects"] == 1
+        finally:
+            pub.close()
+
+
+@pytest.mark.broker
+def test_metrics_carry_the_publisher_counters(mosquitto, tmp_path):
+    with Listener(mosquitto.host, mosquitto.port, BASE) as listener:
+        pub = Publisher(make_cfg(mosquitto, tmp_path), BASE, STATUS_INFO)
+        pub.start()
+        try:
+            metrics = {
+                "time": time.time(),
+                "fps": 1.0,
+                "frames": 1,
+                "drops": 0,
+                "rejects": 0,
+                "reject_rate": 0.0,
+                "latency_ms": {},
+                "score_quantiles": {},
+                "errors": {},
+            }
+            assert pub.publish_metrics(metrics)
+            assert pub.publish_metrics({**metrics, "mqtt": {"own": 1}})  # the caller's wins
+            assert listener.wait_for(lambda: len(listener.of_kind("metrics")) == 2, 3)
+        finally:
+            pub.close()
+    first, second = (e.payload for e in listener.of_kind("metrics"))
+    assert_valid("metrics", first)
+    assert first["mqtt"]["connected"] is True and first["mqtt"]["connect_failures"] == 0
+    assert second["mqtt"] == {"own": 1}
+
+
+def _message(topic: str, payload: dict) -> mqtt.MQTTMessage:
+    msg = mqtt.MQTTMessage(topic=topic.encode())
+    msg.payload = json.dumps(payload).encode()
+    return msg
+
+
+def test_listener_dedupe_window_is_bounded():
+    listener = Listener(topic_base=BASE, dedupe_window=2)
+    for eid in ("a", "b", "a", "c", "b", "a"):
+        listener._on_message(None, None, _message(f"{BASE}/reject", {"event_id": eid}))
+    # "a" again while in the window: dropped; after "b" and "c" pushed it out: seen anew.
+    assert [p["event_id"] for p in listener.rejects()] == ["a", "b", "c", "a"]
+    assert listener.duplicates == 2 and listener.reject_count == 4
+
+    quiet = Listener(topic_base=BASE, keep_events=False)
+    quiet._on_message(None, None, _message(f"{BASE}/reject", {"event_id": "x"}))
+    assert quiet.events == [] and quiet.reject_count == 1
+    with pytest.raises(ValueError, match="dedupe_window"):
+        Listener(topic_base=BASE, dedupe_window=0)
+
+
+@pytest.mark.broker
+def test_listen_command_with_a_persistent_session(mosquitto, tmp_path, capsys):
+    station = tmp_path / "station.yaml"
+    station.write_text(
+        "bundle: bundle\nsource: {uri: 'file://frames/'}\nstation: {line: l1, name: s1}\n"
+        f"mqtt: {{host: 127.0.0.1, port: {mosquitto.port}, connect_timeout_s: 3}}\n"
+    )
+    gate = [str(station), "--client-id", "gate-cli"]
+    assert main([*gate, "--timeout", "0.2"]) == 0  # creates the session, then leaves
+    capsys.readouterr()
+    pub = Publisher(make_cfg(mosquitto, tmp_path), BASE, STATUS_INFO)
+    pub.start()
+    events = [make_reject(i) for i in range(3)]
+    try:
+        for e in events:
+            pub.publish_reject(e)
+        assert pub.flush(3)
+    finally:
+        pub.close()
+    # Published while nobody listened: the broker kept them for the session.
+    assert main([*gate, "--count", "3", "--timeout", "5"]) == 0
+    out = capsys.readouterr().out
+    assert [ln.rsplit("event=", 1)[1] for ln in out.splitlines() if "REJECT" in ln] == ids(events)
+
+
+@pytest.mark.broker
+def test_start_not_required_runs_without_the_broker_and_catches_up(tmp_path, caplog):
+    # start(required=False): a refused login at start-up is logged and counted, not raised; the
+    # client keeps retrying, rejects are spooled, and they go out once the broker accepts it.
+    pwfile = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "li", "other-pw"], check=True)
+    conf = f"password_file {pwfile}"
+    caplog.set_level(logging.INFO, logger="lineinspect")
+    with Mosquitto(tmp_path, persistence=True, allow_anonymous=False, extra_conf=conf) as broker:
+        cfg = make_cfg(broker, tmp_path, username="li", password="li-pw-42", reconnect_max_s=0.2)
+        pub = Publisher(cfg, BASE, STATUS_INFO)
+        pub.start(required=False)
+        try:
+            events = [make_reject(i) for i in range(3)]
+            for e in events:
+                pub.publish_reject(e)
+            assert wait(lambda: pub.stats()["connect_refusals"] >= 2, 5)  # still trying
+            st = pub.stats()
+            assert not st["connected"] and st["spooled"] == 3
+            assert "running without it" in caplog.text
+
+            subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "li", "li-pw-42"], check=True)
+            subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "gate", "gate-pw"], check=True)
+            broker.restart()
+            with Listener(
+                broker.host, broker.port, BASE, username="gate", password="gate-pw"
+            ) as listener:
+                assert pub.flush(5)
+                assert listener.wait_status("online", 3) is not None
+            assert pub.stats()["acked"] == 3
+        finally:
+            pub.close()
+    assert "li-pw-42" not in caplog.text

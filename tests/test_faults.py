@@ -1,0 +1,23 @@
+"""Reject delivery under faults: the real `python -m edge run` process against a real mosquitto.
+
+The scenarios live in tests/faults.py (shared with scripts/fault_table.py, which prints them as a
+table); each one checks its own expectations and reports failed ones in Outcome.problems.
+"""
+
+import pytest
+
+from tests.faults import SCENARIOS, Skip, run_scenario
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_no_reject_lost(name, tmp_path):
+    try:
+        out = run_scenario(name, tmp_path)
+    except Skip as exc:
+        pytest.skip(str(exc))
+    detail = f"{out.as_dict()}\nstation logs and spool under {tmp_path / name}"
+    assert out.problems == [], detail
+    assert out.lost == 0, detail
+    assert out.sent > 0 and out.received + out.not_stored == out.sent, detail
