@@ -10,15 +10,41 @@ from tqdm import tqdm
 from calibration.dataset import Sample, read_mask
 from edge.backends import load_backend
 from edge.bundle import Bundle
+from edge.errors import BackendError
 from edge.preprocess import read_image, to_input
 
 
 @dataclass
 class Scored:
     samples: list[Sample]
-    scores: np.ndarray  # (N,) float32
-    maps: np.ndarray | None  # (N,H,W) float32 when kept (needed for pixel metrics)
-    masks: np.ndarray | None  # (N,H,W) bool
+    scores: np.ndarray  # (N,) float32, the graph's image score
+    maps: np.ndarray  # (N,H,W) float32 anomaly maps at model resolution
+    masks: np.ndarray  # (N,H,W) bool ground truth (all False for good parts and unmasked defects)
+    crop: tuple[int, int, int, int] | None = None  # the frame crop the images were scored with
+
+    @property
+    def good(self) -> np.ndarray:
+        """(N,) bool, True = good part."""
+        return np.array([s.good for s in self.samples], bool)
+
+    @property
+    def has_masks(self) -> bool:
+        return any(s.mask is not None for s in self.samples)
+
+    def subset(self, sel: np.ndarray) -> Scored:
+        idx = np.flatnonzero(sel)
+        return Scored(
+            [self.samples[i] for i in idx],
+            self.scores[idx],
+            self.maps[idx],
+            self.masks[idx],
+            self.crop,
+        )
+
+
+def model_view(sample: Sample, size: tuple[int, int], crop=None) -> np.ndarray:
+    """(H,W,3) uint8 RGB: the image exactly as the model saw it (for galleries)."""
+    return to_input(read_image(sample.path), size, crop).transpose(1, 2, 0)
 
 
 def score_samples(
@@ -26,29 +52,42 @@ def score_samples(
     samples: list[Sample],
     precision: str = "fp32",
     backend: str = "onnxruntime",
-    keep_maps: bool = False,
+    crop: tuple[int, int, int, int] | None = None,
     progress: bool = True,
 ) -> Scored:
-    """Scores (and optionally anomaly maps and masks) for each sample, in order.
+    """Scores, anomaly maps and masks for each sample, in order.
 
-    Raises DataError naming an unreadable image before any output is written.
+    Every image and mask is read here, so an unreadable file raises DataError (naming it) before
+    the caller writes anything. Non-finite model outputs raise BackendError.
     """
-    be = load_backend(backend, bundle, precision)
+    if not samples:
+        raise ValueError("no images to score")
     size = bundle.image_size
+    # Masks first: they are cheap, and a bad one should fail before minutes of inference.
+    masks = np.stack([read_mask(s.mask, size, crop) for s in samples])
+    # Decode every image once before the backend loads: a GPU backend may create its engine
+    # cache in the bundle, and a bad file must fail before anything is touched.
+    for s in samples:
+        read_image(s.path)
+    be = load_backend(backend, bundle, precision)
     b = be.input_shape[0]
     scores = np.zeros(len(samples), np.float32)
-    maps = np.zeros((len(samples), *size), np.float32) if keep_maps else None
-    masks = np.stack([read_mask(s.mask, size) for s in samples]) if keep_maps else None
+    maps = np.zeros((len(samples), *size), np.float32)
     try:
         for i in tqdm(range(0, len(samples), b), desc="scoring", unit="img", disable=not progress):
             chunk = samples[i : i + b]
-            x = np.stack([to_input(read_image(s.path), size) for s in chunk])
+            x = np.stack([to_input(read_image(s.path), size, crop) for s in chunk])
             if len(x) < b:  # fixed-batch graphs: pad with the last image, drop its outputs
                 x = np.concatenate([x, np.repeat(x[-1:], b - len(x), axis=0)])
             amap, score = be.infer(x)
             scores[i : i + len(chunk)] = score[: len(chunk)]
-            if maps is not None:
-                maps[i : i + len(chunk)] = amap[: len(chunk), 0]
+            maps[i : i + len(chunk)] = amap[: len(chunk), 0]
     finally:
         be.close()
-    return Scored(samples, scores, maps, masks)
+    bad = ~np.isfinite(scores) | ~np.isfinite(maps).all(axis=(1, 2))
+    if bad.any():
+        names = ", ".join(str(samples[i].path) for i in np.flatnonzero(bad)[:3])
+        raise BackendError(
+            f"the model produced non-finite outputs for {int(bad.sum())} images: {names}"
+        )
+    return Scored(samples, scores, maps, masks, crop)

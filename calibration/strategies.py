@@ -1,6 +1,8 @@
 """Image-threshold strategies. One small Protocol, an explicit registry, one shared test.
 
-A part is rejected when its score is strictly above the threshold.
+A part is rejected when its decision statistic (calibration.decision; the image score when the
+region test is off) is strictly above the threshold. Values may be +inf: a part that the fixed
+region test rejects at any image threshold.
 """
 
 from __future__ import annotations
@@ -61,13 +63,20 @@ class FalseRejectRate:
         k = 0
         while k + 1 < n and cp_upper(k + 1, n) <= self.target_frr:
             k += 1
+        if not np.isfinite(s[n - 1 - k]):
+            raise ValueError(
+                f"frr: the region test alone rejects {int(np.isinf(s).sum())} of {n} good parts, "
+                f"more than the {k} the target allows; raise the minimum region area"
+            )
         fit = Fit(
             threshold=float(s[n - 1 - k]),
             info={
                 "target_frr": self.target_frr,
                 "confidence": CONFIDENCE,
                 "good_images": n,
-                "false_rejects_on_fit_set": k,
+                # Fewer than k when good scores tie at the threshold; the bound stays that of
+                # the order statistic the threshold sits on.
+                "false_rejects_on_fit_set": int(np.sum(s > s[n - 1 - k])),
                 "frr_upper_bound": cp_upper(k, n),
             },
         )
@@ -93,13 +102,16 @@ class BestF1:
         if defect is None or len(defect) == 0:
             raise ValueError("f1: needs defective images (--defects or --data with test defects)")
         good, defect = np.asarray(good, float), np.asarray(defect, float)
-        cands = np.unique(np.concatenate([good, defect]))
+        both = np.concatenate([good, defect])
+        cands = np.unique(both[np.isfinite(both)])
+        if cands.size == 0:
+            raise ValueError("f1: every part is rejected by the region test alone")
         tp = len(defect) - np.searchsorted(np.sort(defect), cands, side="right")
         fp = len(good) - np.searchsorted(np.sort(good), cands, side="right")
         fn = len(defect) - tp
         f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
         i = int(np.argmax(f1))
-        # Put the threshold midway to the next candidate: same F1 on this set, more margin.
+        # Midway to the next candidate: same F1 on this set, margin on both sides.
         t = float(cands[i] if i + 1 == len(cands) else (cands[i] + cands[i + 1]) / 2)
         return Fit(
             t,
@@ -124,15 +136,27 @@ class EscapeBudget:
                 "escape: needs defective images (--defects or --data with test defects)"
             )
         d = np.sort(np.asarray(defect, float))
-        allowed = int(math.floor(self.max_escape * len(d)))
-        # Reject if score > t: the `allowed` lowest-scoring defects may pass; t just below the next.
-        t = float(np.nextafter(d[allowed], -np.inf))
         g = np.asarray(good, float)
+        # The floor(max_escape * n) lowest-scoring defects may pass; the tiny epsilon keeps a
+        # budget that is an exact multiple of 1/n (0.2 of 5) from rounding down to one fewer.
+        allowed = min(int(math.floor(self.max_escape * len(d) + 1e-9)), len(d))
+        if allowed == len(d):
+            # Every defect may escape: only parts above every good one need rejecting.
+            t = float(g.max()) if g.size else float(d[-1])
+        elif np.isfinite(d[allowed]):
+            # Reject if m > t: t just below the first defect that must be caught.
+            t = float(np.nextafter(d[allowed], -np.inf))
+        else:
+            # The rest are caught by the region test whatever t is: spare the good parts.
+            finite = np.concatenate([d[np.isfinite(d)], g[np.isfinite(g)]])
+            if finite.size == 0:
+                raise ValueError("escape: every part is rejected by the region test alone")
+            t = float(finite.max())
         return Fit(
             t,
             {
                 "max_escape": self.max_escape,
-                "escapes_on_fit_set": allowed,
+                "escapes_on_fit_set": int(np.sum(d <= t)),
                 "frr_on_fit_set": float(np.mean(g > t)) if g.size else None,
             },
         )
@@ -144,6 +168,10 @@ STRATEGIES = {"frr": FalseRejectRate, "f1": BestF1, "escape": EscapeBudget}
 def make_strategy(
     name: str, target_frr: float = 0.01, max_escape: float = 0.0
 ) -> ThresholdStrategy:
+    if not 0.0 < target_frr < 1.0:
+        raise ValueError(f"--target-frr: must be in (0, 1), got {target_frr:g}")
+    if not 0.0 <= max_escape < 1.0:
+        raise ValueError(f"--max-escape: must be in [0, 1), got {max_escape:g}")
     if name == "frr":
         return FalseRejectRate(target_frr=target_frr)
     if name == "escape":

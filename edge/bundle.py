@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; bundle files are read by the station's user
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -204,11 +206,15 @@ class Bundle:
         return th
 
     def write_thresholds(self, th: Thresholds) -> Path:
-        """Write thresholds.yaml atomically, keeping the previous one as thresholds.yaml.bak."""
+        """Write thresholds.yaml atomically, keeping the previous one as thresholds.yaml.bak.
+
+        The old file is copied (not moved) first, so a station watching the file never sees it
+        missing.
+        """
         path = self.thresholds_path
         text = yaml.safe_dump(typedconfig.to_dict(th), sort_keys=False)
         if path.is_file():
-            os.replace(path, path.with_name(THRESHOLDS + ".bak"))
+            shutil.copy2(path, path.with_name(THRESHOLDS + ".bak"))
         atomic_write_text(path, text)
         return path
 

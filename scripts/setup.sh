@@ -6,11 +6,23 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "== installing mosquitto (Debian package)"
+# Debian packages: the broker for the demo; for the tests also sshd + rsync (deploy.sh test) and
+# chromium (renders the calibration report headlessly). `--test` asks for the test set.
+apt_want=(mosquitto:/usr/sbin/mosquitto)
+if [ "${1:-}" = "--test" ]; then
+  apt_want+=(openssh-server:/usr/sbin/sshd openssh-client:/usr/bin/ssh rsync:/usr/bin/rsync
+             chromium:/usr/bin/chromium)
+fi
+missing=()
+for item in "${apt_want[@]}"; do
+  [ -x "${item#*:}" ] || missing+=("${item%%:*}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "== installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
