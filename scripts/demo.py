@@ -59,7 +59,7 @@ def main() -> int:
         "--train-good",
         "60",
         "--test-good",
-        "100",
+        "150",
         "--test-defect",
         "5",
     )
