@@ -11,7 +11,7 @@ VENV=${VENV:-.venv}
 apt_want=(mosquitto:/usr/sbin/mosquitto)
 if [ "${1:-}" = "--test" ]; then
   apt_want+=(openssh-server:/usr/sbin/sshd openssh-client:/usr/bin/ssh rsync:/usr/bin/rsync
-             chromium:/usr/bin/chromium)
+             chromium:/usr/bin/chromium shellcheck:/usr/bin/shellcheck)
 fi
 missing=()
 for item in "${apt_want[@]}"; do

@@ -1,0 +1,252 @@
+"""Stage one release for deploy.sh on the workstation: code, bundle, rendered station config.
+
+    python deploy/stage.py --repo . --config station.yaml --bundle bundle --prefix /opt/lineinspect \
+        [--precision fp16] --out STAGE_DIR
+
+writes STAGE_DIR/{code/, deploy/, bundle/, files/, station.yaml, requirements*.txt, RELEASE} and
+prints one JSON object (release id, station identity, backend, precision, source, ...) on stdout,
+or with --shell the same as `REL_<KEY>=value` lines for deploy.sh to eval.
+
+The release id is a hash of everything staged, so the same inputs give the same id on every run
+(deploy.sh's idempotency rests on it). The station config is rewritten for the device:
+- `bundle` -> the release's own bundle (`--bundle` wins over the file's `bundle:`);
+- `precision` -> `--precision` when given;
+- relative workstation files it names (source folder or video, ROI mask, TLS files) are copied
+  into `files/` and pointed at there; absolute paths and URIs are device paths, kept as they are;
+- a relative `mqtt.spool`, `evidence.dir` or `recalibration.dir` moves to `<prefix>/data/`, so
+  reject events not yet acknowledged by the broker (and what the station collected) survive a
+  release switch or a rollback.
+Errors are one line `error: ...` on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Packages the device runs. `train` and `calibration` import torch and never go to a device.
+CODE_PACKAGES = ("edge", "engines")
+DEPLOY_FILES = ("remote.sh", "supervise.sh", "station.sh", "health.py", "lineinspect.service.in")
+# Config sections whose `dir` the station writes into (see edge/config.py).
+STATE_DIRS = ("evidence", "recalibration")
+# Sources that hold a camera exclusively: the running station must stop before `edge check`.
+EXCLUSIVE_SCHEMES = ("v4l2://", "csi://")
+EXCLUSIVE_GST = ("v4l2src", "nvarguscamerasrc", "nvv4l2camerasrc")
+
+
+class StageError(Exception):
+    """A problem with the inputs, reported as one line."""
+
+
+def _ignore_caches(_dir: str, names: list[str]) -> set[str]:
+    return {n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo"))}
+
+
+def read_requirements(pyproject: Path) -> tuple[list[str], list[str]]:
+    """(base dependencies, `jetson` extra) from pyproject.toml."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    project = tomllib.loads(pyproject.read_text())["project"]
+    return list(project["dependencies"]), list(
+        project.get("optional-dependencies", {}).get("jetson", [])
+    )
+
+
+def is_exclusive(uri: str) -> bool:
+    if uri.startswith(EXCLUSIVE_SCHEMES) or uri.startswith("/dev/video"):
+        return True
+    return uri.startswith("gst://") and any(e in uri for e in EXCLUSIVE_GST)
+
+
+def camera_device(uri: str) -> str:
+    """The /dev node a live source needs on the device ('' when it needs none)."""
+    if uri.startswith("v4l2://"):
+        return uri[len("v4l2://") :]
+    if uri.startswith("/dev/video"):
+        return uri
+    if uri.startswith("csi://"):
+        return f"/dev/video{uri[len('csi://') :] or '0'}"
+    return ""
+
+
+def _local_path(base: Path, value: str) -> tuple[Path | None, str]:
+    """(workstation file to ship, or None when the value is a device path/URI; URI prefix)."""
+    if value.startswith("file://") and not value.startswith("file:///"):
+        return (base / value[len("file://") :]).resolve(), "file://"
+    if "://" in value or Path(value).expanduser().is_absolute():
+        return None, ""
+    return (base / value).resolve(), ""
+
+
+class Stager:
+    def __init__(self, out: Path, base: Path) -> None:
+        self.out, self.base = out, base
+        self.shipped: dict[Path, str] = {}  # workstation path -> name under files/
+
+    def ship(self, value: str | None, key: str) -> str | None:
+        """Copy a relative workstation file/folder into files/ and return the device value."""
+        if value is None:
+            return None
+        src, scheme = _local_path(self.base, value)
+        if src is None:
+            return value
+        if not src.exists():
+            raise StageError(f"{key}: {value} -> {src}: not found on this workstation")
+        if src not in self.shipped:
+            name = src.name
+            taken = set(self.shipped.values())
+            i = 1
+            while name in taken:  # two files with the same name from different folders
+                i += 1
+                name = f"{i}-{src.name}"
+            dst = self.out / "files" / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, ignore=_ignore_caches)
+            else:
+                shutil.copy2(src, dst)
+            self.shipped[src] = name
+        trail = "/" if src.is_dir() and value.endswith("/") else ""
+        return f"{scheme}files/{self.shipped[src]}{trail}"
+
+
+def stage(
+    repo: Path, config: Path, bundle: Path, prefix: str, precision: str | None, out: Path
+) -> dict[str, Any]:
+    sys.path.insert(0, str(repo))
+    from edge import config as station_config
+    from edge.bundle import MANIFEST, PRECISION_FILES, THRESHOLDS, Bundle
+    from edge.errors import LineInspectError
+
+    try:
+        cfg = station_config.load(config)  # typed validation: unknown keys, wrong types
+    except LineInspectError as exc:
+        raise StageError(str(exc)) from exc
+    raw = yaml.safe_load(config.read_text()) or {}
+    if precision:
+        raw["precision"] = cfg.precision = precision
+    try:
+        b = Bundle(bundle)  # manifest parses, every listed file exists (hashes: `edge check`)
+    except LineInspectError as exc:
+        raise StageError(str(exc)) from exc
+    graph = PRECISION_FILES[cfg.precision]
+    if graph not in b.manifest.files:
+        raise StageError(
+            f"{bundle}: no {cfg.precision} graph ({graph}) in this bundle; run "
+            f"`python -m engines quantize` or deploy with --precision fp32"
+        )
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for pkg in CODE_PACKAGES:
+        shutil.copytree(repo / pkg, out / "code" / pkg, ignore=_ignore_caches)
+    (out / "deploy").mkdir()
+    for name in DEPLOY_FILES:
+        shutil.copy2(repo / "deploy" / name, out / "deploy" / name)
+    # The bundle contract only: manifest, listed files, thresholds. Never engines/ (device cache).
+    (out / "bundle").mkdir()
+    for name in [MANIFEST, *b.manifest.files, THRESHOLDS]:
+        src = bundle / name
+        if src.is_file():
+            (out / "bundle" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, out / "bundle" / name)
+
+    st = Stager(out, config.resolve().parent)
+    raw["bundle"] = "bundle"
+    source = raw.setdefault("source", {})
+    source["uri"] = st.ship(str(source.get("uri")), "source.uri")
+    post = raw.get("postprocess") or {}
+    if post.get("roi_mask"):
+        post["roi_mask"] = st.ship(post["roi_mask"], "postprocess.roi_mask")
+    mqtt = raw.setdefault("mqtt", {})
+    for key in ("ca_certs", "certfile", "keyfile"):
+        tls = mqtt.get("tls") or {}
+        if tls.get(key):
+            tls[key] = st.ship(tls[key], f"mqtt.tls.{key}")
+    data = f"{prefix.rstrip('/')}/data"  # the station's own state, kept across releases
+    spool = mqtt.get("spool") or "spool.sqlite"
+    if not Path(spool).expanduser().is_absolute():
+        mqtt["spool"] = f"{data}/{Path(spool).name}"
+    for section in STATE_DIRS:  # folders the station writes: kept across releases too
+        sec = raw.get(section) or {}
+        if sec.get("dir") and not Path(sec["dir"]).expanduser().is_absolute():
+            sec["dir"] = f"{data}/{Path(sec['dir']).name}"
+
+    header = (
+        f"# Written by deploy.sh from {config.name}; edit the original and deploy again.\n"
+        "# Relative paths resolve against this release folder.\n"
+    )
+    (out / "station.yaml").write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    base, jetson = read_requirements(repo / "pyproject.toml")
+    (out / "requirements.txt").write_text("\n".join(base) + "\n")
+    (out / "requirements-jetson.txt").write_text("\n".join(jetson) + "\n")
+
+    release_id = tree_hash(out)[:12]
+    uri = source["uri"]
+    info = {
+        "id": release_id,
+        "line": cfg.station.line,
+        "station": cfg.station.name,
+        "model": b.manifest.name,
+        "backend": cfg.backend,
+        "precision": cfg.precision,
+        "source": uri,
+        "camera": camera_device(uri),
+        "exclusive": is_exclusive(uri),
+        "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+        "config": str(config.resolve()),
+        "bundle": str(bundle.resolve()),
+    }
+    (out / "RELEASE").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def tree_hash(root: Path) -> str:
+    """sha256 over (relative path, mode bit x, content) of every file, in sorted order."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink() and p.name != "RELEASE":
+            rel = p.relative_to(root).as_posix()
+            x = "x" if os.access(p, os.X_OK) else "-"
+            h.update(f"{rel}\0{x}\0".encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deploy/stage.py", description=__doc__.split("\n")[0])
+    p.add_argument("--repo", required=True, type=Path)
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--shell", action="store_true", help="print REL_<KEY>=value lines, not JSON")
+    args = p.parse_args(argv)
+    try:
+        info = stage(args.repo, args.config, args.bundle, args.prefix, args.precision, args.out)
+    except (StageError, OSError, KeyError, yaml.YAMLError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    if args.shell:
+        for key, value in info.items():
+            print(f"REL_{key.upper()}={shlex.quote(str(value))}")
+    else:
+        print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
