@@ -1,4 +1,8 @@
-"""`python -m engines`: export (and later quantize/build)."""
+"""`python -m engines`: export (workstation), quantize (workstation), build (device).
+
+Only `export` needs torch, and it is imported inside its subcommand: the device runs `build`
+with edge's dependencies plus TensorRT and pycuda.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import sys
 from edge.errors import LineInspectError
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engines", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("export", help="training run -> bundle with model.onnx (parity-checked)")
@@ -19,8 +23,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--images", help="folder of real images for the parity run (default: training data)"
     )
+    p.add_argument("--parity-images", type=int, default=8, help="how many parity images")
     p.add_argument("--name", help="model name recorded in the manifest")
-    args = parser.parse_args(argv)
+    p.add_argument("--no-clean", action="store_true", help="skip onnxslim graph cleaning")
+
+    q = sub.add_parser("quantize", help="bundle -> model.fp16.onnx + model.int8.onnx (Q/DQ)")
+    q.add_argument("bundle", help="bundle directory (from `engines export`)")
+    q.add_argument("--calib", required=True, help="folder of good images for INT8 calibration")
+    q.add_argument("--eval", help="MVTec-layout category: AUROC of fp32/fp16/int8 + budget check")
+    q.add_argument(
+        "--calib-count", type=int, default=32, help="at most this many calibration images"
+    )
+    q.add_argument(
+        "--method",
+        choices=("percentile", "minmax", "entropy"),
+        default="percentile",
+        help="INT8 activation range calibration (default percentile 99.999%%)",
+    )
+    q.add_argument(
+        "--keep-float",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="keep nodes whose name matches in float (repeatable)",
+    )
+    q.add_argument("--backend", default="onnxruntime", help="backend for --eval")
+
+    b = sub.add_parser("build", help="(device) bundle -> TensorRT engine, cached, parity-checked")
+    b.add_argument("bundle", help="bundle directory")
+    b.add_argument("--precision", choices=("fp32", "fp16", "int8"), required=True)
+    b.add_argument("--workspace", type=int, default=1024, help="builder workspace limit in MB")
+    b.add_argument("--timing-cache", help="timing cache file (default: in the engines/ cache)")
+    b.add_argument("--images", help="parity images (default: the bundle's samples/)")
+    b.add_argument("--force", action="store_true", help="rebuild even if a valid engine exists")
+    b.add_argument("--device", type=int, default=0, help="CUDA device index")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -29,13 +70,57 @@ def main(argv: list[str] | None = None) -> int:
             from engines.export import export
 
             out, rep = export(
-                args.run_dir, args.out, batch=args.batch, images=args.images, name=args.name
+                args.run_dir,
+                args.out,
+                batch=args.batch,
+                images=args.images,
+                parity_count=args.parity_images,
+                name=args.name,
+                clean=not args.no_clean,
+            )
+            print(f"bundle {out}: parity ok on {rep.summary()}")
+        elif args.cmd == "quantize":
+            from engines.quantize import format_table, quantize
+
+            rep = quantize(
+                args.bundle,
+                args.calib,
+                args.eval,
+                calib_count=args.calib_count,
+                method=args.method,
+                keep_float=args.keep_float,
+                backend=args.backend,
             )
             print(
-                f"bundle {out}: parity ok on {rep.images} images "
-                f"(map max abs diff {rep.map_max_abs:.2e} of range {rep.map_range:.3g}, "
-                f"score rel diff {rep.score_max_rel:.2e})"
+                f"wrote {rep.fp16} and {rep.int8} ({rep.quantized_layers} layers INT8, "
+                f"{len(rep.float_layers)} kept in float, {rep.calib_images} calibration images)"
             )
+            if rep.eval is not None:
+                print(
+                    f"\nAUROC on {rep.eval['data']} ({rep.eval['images']} images, "
+                    f"{rep.eval['backend']}):"
+                )
+                print(format_table(rep.eval))
+            if rep.over_budget:
+                print(
+                    "error: accuracy budget exceeded: " + "; ".join(rep.over_budget),
+                    file=sys.stderr,
+                )
+                return 2
+        elif args.cmd == "build":
+            from engines.build import build
+
+            res = build(
+                args.bundle,
+                args.precision,
+                workspace_mb=args.workspace,
+                timing_cache=args.timing_cache,
+                images=args.images,
+                force=args.force,
+                device=args.device,
+            )
+            state = "reused" if res.reused else "built"
+            print(f"{state} {res.engine} ({res.parity.summary() if res.parity else 'no parity'})")
     except (LineInspectError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

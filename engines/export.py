@@ -10,17 +10,21 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto
 
 from edge import bundle as bundle_mod
-from edge.errors import BundleError, DataError, LineInspectError
+from edge.errors import BundleError, DataError
 from edge.preprocess import list_images, load_batch
+from engines import graph as graph_mod
+from engines import parity
+from engines.parity import ParityError, ParityReport
 from train.checkpoint import load_checkpoint
 
 log = logging.getLogger("lineinspect.export")
@@ -30,10 +34,9 @@ OPSET = 17
 # parity images, image scores within SCORE_RTOL relative.
 MAP_TOL = 1e-3
 SCORE_RTOL = 1e-4
+SAMPLES_DIR = "samples"
 
-
-class ParityError(LineInspectError):
-    """The exported graph disagrees with the trained model beyond tolerance."""
+__all__ = ["export", "ParityError", "ParityReport", "MAP_TOL", "SCORE_RTOL", "OPSET"]
 
 
 class RawPixelGraph(torch.nn.Module):
@@ -41,26 +44,14 @@ class RawPixelGraph(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model = model
+        self.model = model  # node scopes /model/<submodule>/... (engines.graph.split relies on it)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(image.float())
 
 
-@dataclass
-class ParityReport:
-    images: int
-    map_max_abs: float
-    map_range: float
-    score_max_rel: float
-    worst_image: str
-
-    @property
-    def ok(self) -> bool:
-        return (
-            self.map_max_abs <= MAP_TOL * max(self.map_range, 1e-12)
-            and self.score_max_rel <= SCORE_RTOL
-        )
+# Ops that only make sense in training; an exported inference graph must not hold any.
+TRAINING_OPS = frozenset({"Dropout", "SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"})
 
 
 def parity_images(ckpt: dict, images: str | Path | None, count: int) -> list[Path]:
@@ -78,33 +69,96 @@ def parity_images(ckpt: dict, images: str | Path | None, count: int) -> list[Pat
     return [files[i] for i in sorted(set(idx))]
 
 
-def check_parity(model: torch.nn.Module, onnx_path: Path, files: list[Path], size) -> ParityReport:
-    """Run torch and ONNX Runtime on the same uint8 inputs and compare."""
+def check_graph(model: onnx.ModelProto, path: Path, batch: int, size: int) -> None:
+    """onnx.checker (full), no training-only ops, static uint8 (batch,3,size,size) input and
+    float32 anomaly_map (batch,1,size,size) / score (batch,) outputs. Raises BundleError."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise BundleError(f"{path}: onnx.checker failed: {exc}") from exc
+    for n in model.graph.node:
+        training_mode = any(a.name == "training_mode" and a.i for a in n.attribute)
+        if n.op_type in TRAINING_OPS or training_mode:
+            raise BundleError(f"{path}: training-only op {n.op_type} ({n.name}) in the graph")
+
+    def dims(v):
+        return [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in v.type.tensor_type.shape.dim
+        ]
+
+    want = {
+        "image": (TensorProto.UINT8, [batch, 3, size, size]),
+        "anomaly_map": (TensorProto.FLOAT, [batch, 1, size, size]),
+        "score": (TensorProto.FLOAT, [batch]),
+    }
+    got = {
+        v.name: (v.type.tensor_type.elem_type, dims(v))
+        for v in [*model.graph.input, *model.graph.output]
+    }
+    if got != want:
+        show = {k: (TensorProto.DataType.Name(t), d) for k, (t, d) in got.items()}
+        raise BundleError(f"{path}: graph I/O is {show}, expected static {want}")
+
+
+def torch_infer(model: torch.nn.Module) -> parity.Infer:
+    graph = RawPixelGraph(model).eval()
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            m, s = graph(torch.from_numpy(x))
+        return m.numpy(), s.numpy()
+
+    return run
+
+
+def ort_infer(path: Path) -> parity.Infer:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    in_name = sess.get_inputs()[0].name
-    batch = sess.get_inputs()[0].shape[0]
-    worst = (0.0, "")
-    map_lo, map_hi, score_rel = np.inf, -np.inf, 0.0
-    graph = RawPixelGraph(model).eval()
-    for i in range(0, len(files), batch):
-        chunk = files[i : i + batch]
-        x = load_batch(chunk, size)  # (b,3,H,W) uint8
-        pad = batch - len(x)
-        if pad:
-            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-        with torch.no_grad():
-            t_map, t_score = (t.numpy() for t in graph(torch.from_numpy(x)))
-        o_map, o_score = sess.run(None, {in_name: x})
-        for j, name in enumerate(chunk):
-            diff = float(np.abs(t_map[j] - o_map[j]).max())
-            if diff > worst[0]:
-                worst = (diff, str(name))
-            rel = abs(float(t_score[j]) - float(o_score[j])) / max(abs(float(t_score[j])), 1e-12)
-            score_rel = max(score_rel, rel)
-            map_lo, map_hi = min(map_lo, float(t_map[j].min())), max(map_hi, float(t_map[j].max()))
-    return ParityReport(len(files), worst[0], map_hi - map_lo, score_rel, worst[1] or str(files[0]))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m, s = sess.run(["anomaly_map", "score"], {name: x})
+        return m, s
+
+    return run
+
+
+def check_parity(model: torch.nn.Module, onnx_path: Path, files: list[Path], size) -> ParityReport:
+    """Run torch and ONNX Runtime on the same uint8 inputs and compare (tolerances of issue 4)."""
+    import onnxruntime as ort
+
+    batch = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    batch = batch.get_inputs()[0].shape[0]
+    return parity.compare(
+        torch_infer(model),
+        ort_infer(onnx_path),
+        files,
+        tuple(size),
+        int(batch),
+        MAP_TOL,
+        SCORE_RTOL,
+    )
+
+
+def write_samples(out: Path, files: list[Path], size: tuple[int, int]) -> list[str]:
+    """The parity images, preprocessed to the graph's size, as lossless PNGs under samples/.
+
+    `engines build` compares TensorRT with ONNX Runtime on them on the device, where the training
+    data is not. Stored at model size, so to_input() gives back exactly the same uint8 tensor.
+    """
+    sdir = out / SAMPLES_DIR
+    if sdir.is_dir():
+        shutil.rmtree(sdir)
+    sdir.mkdir(parents=True)
+    names = []
+    for i, f in enumerate(files):
+        chw = load_batch([f], size)[0]
+        name = f"{SAMPLES_DIR}/{i:03d}.png"
+        cv2.imwrite(str(out / name), np.ascontiguousarray(chw.transpose(1, 2, 0)[:, :, ::-1]))
+        names.append(name)
+    return names
 
 
 def export(
@@ -114,6 +168,7 @@ def export(
     images: str | Path | None = None,
     parity_count: int = 8,
     name: str | None = None,
+    clean: bool = True,
 ) -> tuple[Path, ParityReport]:
     """Export a training run to a bundle directory.
 
@@ -122,9 +177,14 @@ def export(
         out: bundle directory to write (created; an existing model.onnx is replaced).
         batch: fixed batch size of the graph input (1,3,H,W) by default.
         images: folder of real images for the parity run (default: the training data).
+        parity_count: how many of them (spread over the folder); also kept as samples/.
+        clean: clean the graph with onnxslim when installed (kept only if parity still holds).
     Returns:
-        (bundle path, parity report). Raises ParityError if the graph disagrees with torch.
+        (bundle path, parity report). Raises ParityError (naming the worst image) if the graph
+        disagrees with torch, BundleError if it fails onnx.checker or has the wrong I/O.
     """
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
     run_dir = Path(run_dir)
     ckpt_path = run_dir if run_dir.is_file() else run_dir / "checkpoint.pt"
     model, ckpt = load_checkpoint(ckpt_path)
@@ -149,27 +209,43 @@ def export(
             do_constant_folding=True,
             dynamo=False,
         )
-    graph = onnx.load(str(onnx_path))
-    try:
-        onnx.checker.check_model(graph, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise BundleError(f"{onnx_path}: onnx.checker failed: {exc}") from exc
+    raw = onnx.load(str(onnx_path))
+    check_graph(raw, onnx_path, batch, size)
+    cleaned_by = ""
+    if clean:
+        slim, cleaned_by = graph_mod.clean(raw)
+        if cleaned_by:
+            onnx.save(slim, str(onnx_path))
+            try:
+                check_graph(slim, onnx_path, batch, size)
+            except BundleError as exc:
+                log.warning(
+                    "%s: cleaned graph rejected (%s); keeping the raw export", cleaned_by, exc
+                )
+                onnx.save(raw, str(onnx_path))
+                cleaned_by = ""
 
     report = check_parity(model, onnx_path, files, (size, size))
+    if not report.ok and cleaned_by:
+        # Cleaning must never cost parity: fall back to the raw export and judge that instead.
+        log.warning("parity failed after %s; retrying with the raw export", cleaned_by)
+        onnx.save(raw, str(onnx_path))
+        cleaned_by = ""
+        report = check_parity(model, onnx_path, files, (size, size))
     if not report.ok:
-        raise ParityError(
-            f"{onnx_path}: ONNX Runtime disagrees with torch: map max abs diff "
-            f"{report.map_max_abs:.3g} (limit {MAP_TOL * report.map_range:.3g}), score rel diff "
-            f"{report.score_max_rel:.3g} (limit {SCORE_RTOL}); worst image {report.worst_image}"
-        )
+        raise ParityError(report.failure(f"{onnx_path}: ONNX Runtime disagrees with torch"))
 
-    # The resolved training config travels with the bundle (provenance), outside the hashed set
-    # only in the sense that the manifest records its hash too.
+    # The resolved training config travels with the bundle (provenance), hashed like the rest.
     train_cfg = run_dir / "config.yaml" if run_dir.is_dir() else None
-    files_listed = {"model.onnx": None}
+    files_listed: dict = {"model.onnx": None}
     if train_cfg is not None and train_cfg.is_file():
         shutil.copyfile(train_cfg, out / "train_config.yaml")
         files_listed["train_config.yaml"] = None
+    for stale in (bundle_mod.PRECISION_FILES["fp16"], bundle_mod.PRECISION_FILES["int8"]):
+        # Reduced-precision graphs of a previous export no longer match model.onnx.
+        (out / stale).unlink(missing_ok=True)
+    for sample in write_samples(out, files, (size, size)):
+        files_listed[sample] = None
     prov = dict(ckpt.get("provenance", {}))
     prov["exported"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     prov["checkpoint"] = str(ckpt_path.resolve())
@@ -185,16 +261,16 @@ def export(
     )
     manifest.provenance["export"] = {
         "opset": OPSET,
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "parity": {
-            "images": report.images,
-            "map_max_abs": report.map_max_abs,
-            "map_range": report.map_range,
-            "score_max_rel": report.score_max_rel,
-        },
+        "torch": str(torch.__version__),
+        "onnx": str(onnx.__version__),
+        "cleaned_by": cleaned_by or None,
+        "nodes": len(onnx.load(str(onnx_path)).graph.node),
+        "samples": SAMPLES_DIR,
+        "parity": report.as_dict() | {"images_dir": str(Path(files[0]).parent)},
     }
     # A stale thresholds.yaml fitted on the previous graph is refused by Bundle.thresholds().
     bundle_mod.write_manifest(out, manifest)
-    log.info("exported %s (parity: %s images ok)", onnx_path, report.images)
+    log.info(
+        "exported %s (%s; parity %s)", onnx_path, cleaned_by or "not cleaned", report.summary()
+    )
     return out, report
