@@ -48,7 +48,7 @@ def _threshold_free(scored: Scored, ranking: metrics.PixelRanking, sel=None) -> 
     return {
         "image_auroc": metrics.image_auroc(labels, scores),
         "pixel_auroc": pixel,
-        "au_pro": metrics.au_pro(scored.masks, scored.maps, 0.3, ranking, sel),
+        "pro": metrics.au_pro(scored.masks, scored.maps, 0.3, ranking, sel),
         "f1_max": metrics.best_f1(labels, scores),
     }
 
@@ -87,7 +87,7 @@ def evaluate(
         "defect_images": int(labels.sum()),
         "masked_images": int(sum(s.mask is not None for s in samples)),
         **_threshold_free(scored, ranking),
-        "au_pro_fpr_limit": 0.3,
+        "pro_fpr_limit": 0.3,
         "seconds_per_image": seconds / len(samples),
     }
     per_defect: dict[str, dict] = {}

@@ -432,7 +432,7 @@ def _cards(d: ReportData) -> str:
         for key, label in (
             ("image_auroc", "Image AUROC"),
             ("pixel_auroc", "Pixel AUROC"),
-            ("au_pro", "AU-PRO (FPR 0.3)"),
+            ("pro", "AU-PRO (FPR 0.3)"),
             ("f1_max", "Best F1"),
         ):
             v = d.metrics.get(key)
@@ -518,7 +518,7 @@ def _defect_table(d: ReportData) -> str:
             p = per.get(k, {})
             row += "".join(
                 f"<td>{'n/a' if p.get(m) is None else f'{p[m]:.3f}'}</td>"
-                for m in ("image_auroc", "pixel_auroc", "au_pro")
+                for m in ("image_auroc", "pixel_auroc", "pro")
             )
         rows.append(row + "</tr>")
     return f"<table>{head}{''.join(rows)}</table>"

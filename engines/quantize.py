@@ -313,8 +313,7 @@ def evaluate_precisions(
     rows: dict = {"data": str(Path(data).resolve()), "backend": backend, "max_drop": MAX_DROP}
     for p in ("fp32", "fp16", "int8"):
         r = evaluate(bundle_dir, data, p, backend, progress=False)
-        r = getattr(r, "summary", r)  # an Evaluation (its JSON summary) or a plain dict
-        r = {**r, "pro": r.get("au_pro", r.get("pro"))}
+        r = r.summary
         rows[p] = {
             k: (None if r.get(k) is None else float(r[k]))
             for k in ("image_auroc", "pixel_auroc", "pro")

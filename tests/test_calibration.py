@@ -271,7 +271,7 @@ def test_evaluate_without_thresholds_reports_rates_absent(tmp_path, bundle):
     out = tmp_path / "eval.json"
     assert main(["evaluate", str(bundle), "--data", str(data), "--json", str(out), "-q"]) == 0
     res = yaml.safe_load(out.read_text())
-    assert res["image_auroc"] == pytest.approx(1.0) and res["au_pro"] > 0.9
+    assert res["image_auroc"] == pytest.approx(1.0) and res["pro"] > 0.9
     assert res["pixel_auroc"] > 0.95 and res["f1_max"] == pytest.approx(1.0)
     for key in ("thresholds", "f1", "false_reject_rate", "escape_rate", "frr_upper_bound"):
         assert key in res and res[key] is None

@@ -3,6 +3,8 @@ INT8 Q/DQ layout, manifest, --eval budget), and tamper refusal by every loader."
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import cv2
 import numpy as np
 import onnx
@@ -355,12 +357,14 @@ def test_budget_logic(monkeypatch, tmp_path):
     monkeypatch.setattr(
         ev_mod,
         "evaluate",
-        lambda b, d, p, backend, progress: {
-            "image_auroc": aurocs[p][0],
-            "pixel_auroc": aurocs[p][1],
-            "au_pro": None,
-            "images": 10,
-        },
+        lambda b, d, p, backend, progress: SimpleNamespace(
+            summary={
+                "image_auroc": aurocs[p][0],
+                "pixel_auroc": aurocs[p][1],
+                "pro": None,
+                "images": 10,
+            }
+        ),
     )
     rows, over = quant_mod.evaluate_precisions(tmp_path, tmp_path)
     assert rows["int8"]["image_auroc_drop_points"] == pytest.approx(1.0)
