@@ -36,8 +36,22 @@ def _setup_logging(verbose: int, quiet: bool = False) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from edge.pipeline import Pipeline
 
-    cfg = config.load(args.config)
-    pipeline = Pipeline.from_config(cfg, max_frames=args.max_frames)
+    cfgs = [config.load(p) for p in args.config]
+    server = None
+    if args.metrics_port is not None:
+        from edge.metrics import MetricsServer
+
+        # Bind before anything opens: a taken port fails before the camera starts.
+        server = MetricsServer(list, args.metrics_port, args.metrics_host)
+    try:
+        pipeline = Pipeline.from_configs(cfgs, max_frames=args.max_frames)
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
+    if server is not None:
+        server.provider = pipeline.snapshots
+        server.start()
 
     def on_signal(signum: int, _frame: Any) -> None:
         if pipeline.stopping:
@@ -46,20 +60,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("%s: stopping capture, draining", signal.Signals(signum).name)
         pipeline.stop()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    def on_hup(signum: int, _frame: Any) -> None:
+        log.info("SIGHUP: re-reading thresholds.yaml before the next frame")
+        pipeline.request_reload()
+
+    handlers = {signal.SIGTERM: on_signal, signal.SIGINT: on_signal, signal.SIGHUP: on_hup}
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
         summary = pipeline.run()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    log.info(
-        "done: %d frames, %d rejects, %d drops, %d errors, %.1f fps",
-        summary["frames"],
-        summary["rejects"],
-        summary["drops"],
-        summary["errors"],
-        summary["fps"],
-    )
+        if server is not None:
+            server.close()
+    for st in summary.get("stations", {"": summary}).values():
+        log.info(
+            "done%s: %d frames, %d rejects, %d drops, %d errors, %.1f fps",
+            f" {st['line']}/{st['station']}" if "station" in st else "",
+            st["frames"],
+            st["rejects"],
+            st["drops"],
+            st["errors"],
+            st["fps"],
+        )
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
@@ -88,17 +111,34 @@ def _check_broker(cfg: Any, status: dict[str, Any]) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate everything `run` needs, one step at a time, printing what was found."""
+    for i, path in enumerate(args.config):
+        if i:
+            print()
+        _check_one(path)
+    print("all checks passed")
+    return 0
+
+
+def _check_one(path: str) -> None:
     import numpy as np
 
     from edge.backends import load_backend
     from edge.bundle import Bundle
+    from edge.evidence import QuotaDir
     from edge.pipeline import warn_thresholds_precision
-    from edge.postprocess import from_bundle
+    from edge.postprocess import effective_min_area, from_bundle
     from edge.preprocess import to_input
+    from edge.reload import validate_thresholds
     from edge.sources import EndOfStream, open_source
 
-    cfg = config.load(args.config)
-    _ok("config", f"{cfg.path} (station {cfg.station.line}/{cfg.station.name}, {cfg.mode})")
+    cfg = config.load(path)
+    rt = cfg.runtime
+    _ok(
+        "config",
+        f"{cfg.path} (station {cfg.station.line}/{cfg.station.name}, {cfg.mode}, queues "
+        f"{cfg.queue_size}, inference threads {rt.inference_threads or 'auto'}, "
+        f"spin {'on' if rt.spin else 'off'}, opencv threads {rt.opencv_threads})",
+    )
 
     bundle = Bundle(cfg.bundle)
     bundle.verify_all()
@@ -109,14 +149,38 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"input {m.input.height}x{m.input.width}, {len(m.files)} files, hashes verified",
     )
     th = bundle.thresholds()
-    warn_thresholds_precision(th, bundle, cfg.precision)
+    validate_thresholds(th, bundle.thresholds_path)
+    mismatch = warn_thresholds_precision(th, bundle, cfg.precision)
+    override = cfg.postprocess.min_region_area is not None
     _ok(
         "thresholds",
         f"image {th.image_threshold:.6g}, pixel {th.pixel_threshold:.6g}, "
-        f"min area {th.min_region_area} ({th.method})",
+        f"min area {effective_min_area(th, cfg.postprocess)}"
+        f"{' (station override)' if override else ''} ({th.method}"
+        f"{', fitted on ' + th.precision if mismatch else ''}); "
+        f"hot reload {'on file change and SIGHUP' if cfg.thresholds.watch else 'on SIGHUP'}",
     )
 
-    backend = load_backend(cfg.backend, bundle, cfg.precision)
+    mb = 1024 * 1024
+    for what, d, quota in (
+        ("evidence", cfg.evidence.dir, cfg.evidence.quota_mb),
+        (
+            "recalib",
+            cfg.recalibration.dir if cfg.recalibration.sample_rate > 0 else None,
+            cfg.recalibration.quota_mb,
+        ),
+    ):
+        if d:
+            qd = QuotaDir(d, quota * mb)  # creates it; ConfigError if not writable
+            _ok(what, f"{d}: writable, {len(qd)} kept, {qd.bytes / mb:.1f} of {quota:g} MB")
+
+    backend = load_backend(
+        cfg.backend,
+        bundle,
+        cfg.precision,
+        intra_op_threads=rt.inference_threads,
+        spin=rt.spin,
+    )
     try:
         providers = getattr(backend, "providers", None)
         _ok(
@@ -126,7 +190,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         post = from_bundle(th, bundle.image_size, cfg.preprocess, cfg.postprocess)
 
-        source = open_source(cfg.source)
+        # Fail now rather than wait for the camera: `check` is asked whether it is there.
+        source = open_source(cfg.source, retry_open=False)
         try:
             timeout = max(cfg.source.timeout_s, 5.0)
             deadline = time.monotonic() + timeout
@@ -138,10 +203,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                     raise SourceError(f"{cfg.source.uri}: no readable frame") from None
             if frame is None:
                 raise SourceError(f"{cfg.source.uri}: no frame within {timeout:.0f}s")
+            st = source.stats()
+            skipped = f", {st['corrupt']} unreadable skipped" if st.get("corrupt") else ""
             _ok(
                 "source",
                 f"{cfg.source.uri}: frame {frame.image.shape[1]}x{frame.image.shape[0]} "
-                f"from {frame.source}",
+                f"from {frame.source}{skipped}",
             )
         finally:
             source.close()
@@ -162,8 +229,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     status = {"station": cfg.station.name, "line": cfg.station.line, "check": True}
     _ok("broker", f"{_check_broker(cfg, status)} reachable")
-    print("all checks passed")
-    return 0
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -181,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", parents=[common], help="run the station (until stopped/end of file)")
-    r.add_argument("config", help="station YAML")
+    r.add_argument(
+        "config",
+        nargs="+",
+        help="station YAML; several = several cameras in one process (one model loaded per "
+        "distinct bundle, shared)",
+    )
     r.add_argument(
         "--max-frames",
         type=int,
@@ -195,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write the run summary (counts, fps, latency percentiles) as JSON",
     )
+    r.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve the metrics in Prometheus text format at http://HOST:PORT/metrics",
+    )
+    r.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="address the metrics endpoint listens on (default all interfaces)",
+    )
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser(
@@ -202,8 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="validate config, bundle, thresholds, source, backend and broker",
     )
-    c.add_argument("config", help="station YAML")
+    c.add_argument("config", nargs="+", help="station YAML (several: each is checked)")
     c.set_defaults(func=cmd_check)
+
+    b = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="measure the bare backend and the full pipeline on the same frames (JSON)",
+    )
+    from edge.bench import add_arguments as bench_arguments
+
+    bench_arguments(b)
 
     try:
         import edge.listen as listen
@@ -221,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # `check` prints its own findings; its INFO logs would only repeat them.
-    _setup_logging(getattr(args, "verbose", 0), quiet=args.command == "check")
+    _setup_logging(getattr(args, "verbose", 0), quiet=args.command in ("check", "bench"))
     try:
         return int(args.func(args) or 0)
     except LineInspectError as exc:

@@ -82,6 +82,10 @@ class MqttConfig:
     protocol: Literal["5", "3.1.1"] = "5"
     keepalive: int = 30
     connect_timeout_s: float = 15.0  # at start-up: fail with a clear error after this long
+    # false: a broker that is down, refusing or misconfigured at start-up is logged and retried
+    # in the background while the station inspects and spools its rejects, instead of exiting
+    # (and being restarted in a loop by systemd). Interactive runs keep the loud default.
+    require_broker_at_start: bool = True
     username: str | None = None
     password: str | None = None  # or env LINEINSPECT_MQTT_PASSWORD; never logged
     tls: TlsConfig | None = None
@@ -107,8 +111,13 @@ class EvidenceConfig:
     quota_mb: float = 500.0  # oldest evidence deleted first above this
     sample_pass_rate: float = 0.0  # fraction of passed parts also kept (0..1)
     jpeg_quality: int = 90
+    # Frames waiting for the writer (evidence and recalibration samples; each holds one full
+    # frame in memory). When full, a pass sample makes room for a reject, else it is dropped.
+    queue_size: int = 8
 
     def validate(self) -> None:
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size: must be >= 1, got {self.queue_size}")
         _check_quota("quota_mb", self.quota_mb)
         _check_rate("sample_pass_rate", self.sample_pass_rate)
         if not 1 <= self.jpeg_quality <= 100:

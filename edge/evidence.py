@@ -132,9 +132,12 @@ def heatmap_overlay(
     for bx, by, bw, bh in boxes:
         cv2.rectangle(out, (bx, by), (bx + bw - 1, by + bh - 1), (0, 0, 255), thick)
     if text:
-        size = max(0.4, max(out.shape[:2]) / 1400)
-        cv2.putText(out, text, (8, 8 + int(24 * size)), 0, size, (0, 0, 0), thick + 2)
-        cv2.putText(out, text, (8, 8 + int(24 * size)), 0, size, (255, 255, 255), thick)
+        # Scaled to fit the frame's width: small frames get small text, never cut off.
+        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 1.0, thick)
+        size = min(1.5, (out.shape[1] - 16) / max(tw, 1))
+        org = (8, 8 + int(th * size))
+        cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, size, (0, 0, 0), thick + 2)
+        cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, size, (255, 255, 255), thick)
     return out
 
 
@@ -193,7 +196,7 @@ class EvidenceWriter:
         recal_quota_mb: float = 1000.0,
         recal_rate: float = 0.0,
         info: dict | None = None,
-        queue_size: int = 4,
+        queue_size: int = 8,
     ):
         mb = 1024 * 1024
         self.evidence = QuotaDir(evidence_dir, evidence_quota_mb * mb) if evidence_dir else None
@@ -318,8 +321,8 @@ class EvidenceWriter:
         d = job.decision
         th = job.thresholds or {}
         text = (
-            f"{'REJECT' if d.reject else 'pass'}  part {job.frame.part_id}  "
-            f"score {d.score:.4g} / {th.get('image_threshold', float('nan')):.4g}"
+            f"{'REJECT' if d.reject else 'pass'} {job.frame.part_id} "
+            f"score {d.score:.3g}/{th.get('image_threshold', float('nan')):.3g}"
         )
         img = heatmap_overlay(
             job.frame.image,
@@ -386,4 +389,5 @@ def from_config(cfg: Any, info: dict | None = None) -> EvidenceWriter | None:
         recal_quota_mb=rc.quota_mb,
         recal_rate=rc.sample_rate,
         info=info,
+        queue_size=ev.queue_size,
     )

@@ -20,6 +20,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PERCENTILES = (50, 95, 99)
+_QUANTILE = {"p50": "0.5", "p95": "0.95", "p99": "0.99", "max": "1"}  # Prometheus labels
 
 
 class LatencyWindows:
@@ -40,7 +41,9 @@ class LatencyWindows:
             values = list(win)
             if values:
                 p = np.percentile(np.asarray(values), PERCENTILES) * 1000.0
-                out[stage] = {f"p{q}": round(float(v), 3) for q, v in zip(PERCENTILES, p, strict=True)}
+                out[stage] = {
+                    f"p{q}": round(float(v), 3) for q, v in zip(PERCENTILES, p, strict=True)
+                }
             else:
                 out[stage] = {f"p{q}": None for q in PERCENTILES}
         return out
@@ -180,15 +183,15 @@ def render_prometheus(snapshots: list[dict[str, Any]]) -> str:
         )
         for stage, pct in s["latency_ms"].items():
             for key, v in pct.items():
-                f.add(v, **ids, stage=stage, quantile=f"0.{key[1:]}")
+                f.add(v, **ids, stage=stage, quantile=_QUANTILE[key])
         f = fam(
             "lineinspect_good_score",
             "gauge",
             "Recent image-score quantiles of accepted parts (drift watch).",
         )
         for key, v in s["score_quantiles"].items():
-            if key != "n":
-                f.add(v, **ids, quantile="1" if key == "max" else f"0.{key[1:]}")
+            if key in _QUANTILE:
+                f.add(v, **ids, quantile=_QUANTILE[key])
         f = fam("lineinspect_threshold", "gauge", "Thresholds in force.")
         for key in ("image_threshold", "pixel_threshold", "min_region_area"):
             f.add(s["thresholds"].get(key), **ids, kind=key)
@@ -237,7 +240,9 @@ class MetricsServer:
         except OSError as exc:
             from edge.errors import ConfigError
 
-            raise ConfigError(f"--metrics-port {port}: cannot listen: {exc.strerror or exc}") from exc
+            raise ConfigError(
+                f"--metrics-port {port}: cannot listen: {exc.strerror or exc}"
+            ) from exc
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
@@ -250,5 +255,6 @@ class MetricsServer:
         return self
 
     def close(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()  # waits for serve_forever: only when it runs
         self._server.server_close()

@@ -1,24 +1,37 @@
-"""The station pipeline: source -> preprocess+infer -> postprocess+publish, as three threads.
+"""The station pipeline: camera -> decision -> MQTT, as concurrent stages with small queues.
 
-    capture --q_in--> preprocess + infer --q_out--> postprocess + publish (+ metrics)
+    capture + preprocess --inbox--> infer (shared) --q_out--> postprocess + publish (+ evidence)
+       (one per station)            (one per model)            (one per station)
 
-Queues are small and bounded. `triggered` mode (one frame per part) never drops: a full queue
-blocks the producer (back-pressure up to the source). `continuous` mode drops the OLDEST frame at
-the capture queue when inference falls behind, and counts it; latency then stays bounded.
+A `Station` is one camera: its source, post-processor, thresholds, publisher and evidence. An
+`Engine` is one loaded model with its own thread; several stations may share it, and when the
+graph takes a batch, frames waiting from different stations go through in one inference
+(opportunistic: the engine never waits for a batch to fill, so batching adds no latency).
 
-Shutdown: `stop()` (from a signal handler, another thread, or the end of a non-looping file) stops
-capture only; every frame already captured still goes through inference and publishing, then the
-publisher is flushed and closed. A backend failure is fatal: the pipeline stops, drains what was
-already inferred, and `run()` re-raises it.
+Decode and resize run on the capture thread, post-processing and publishing on the post
+thread, so the engine thread does nothing but feed the backend: the pipeline's own work overlaps
+with inference instead of adding to it.
 
-Only the post thread touches the publisher and the latency windows, so neither needs a lock.
-Memory stays flat: bounded queues, bounded deques, counters.
+Queues are small and bounded. `triggered` mode (one frame per part) never drops: a full inbox
+blocks capture (back-pressure up to the source). `continuous` mode drops the OLDEST frame
+waiting for the engine, and counts it; latency then stays bounded. After inference nothing is
+dropped. Every frame carries its stage timestamps (capture, preprocessed, inference start/end,
+post start, decided, published); they feed the latency windows and each event's `stages_ms`.
+
+Shutdown: `stop()` (a signal handler, another thread, end of a file, max_frames) stops capture
+only. On a triggered line the frames a live camera had already buffered are still taken. Every
+captured frame then goes through inference and publishing, evidence is written, publishers are
+flushed (the spool waits for the broker's acknowledgements) and closed. A backend failure is
+fatal: capture stops, what was already inferred is published, and `run()` re-raises it.
+
+Memory stays flat: bounded queues, bounded deques, counters, and disk quotas for evidence.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,38 +41,60 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 
 import edge
 from edge.backends import load_backend
 from edge.bundle import Bundle
-from edge.errors import BackendError, LineInspectError, SourceError
-from edge.postprocess import Decision, PostProcessor
+from edge.errors import BackendError, ConfigError, LineInspectError, SourceError
+from edge.metrics import LatencyWindows, quantiles
+from edge.postprocess import Decision, PostProcessor, effective_min_area
 from edge.postprocess import from_bundle as postprocessor_from_bundle
 from edge.preprocess import to_input
+from edge.reload import ThresholdsWatcher, validate_thresholds
 from edge.sources import EndOfStream, Frame, open_source
 
 log = logging.getLogger(__name__)
 
-# Latency windows, all measured from monotonic stamps carried with each frame:
-#   preprocess = capture -> preprocessed (includes the wait in the capture queue)
-#   infer      = preprocessed -> inferred
-#   postprocess= inferred -> decided (includes the wait in the output queue)
-#   publish    = decided -> published
-#   decision   = capture -> decided (what latency_ms in an event reports)
-#   total      = capture -> published
-STAGES = ("preprocess", "infer", "postprocess", "publish", "decision", "total")
-ERROR_STAGES = ("capture", "preprocess", "infer", "postprocess", "publish", "metrics")
+# Latency windows, from the monotonic stamps each frame carries:
+#   preprocess  capture -> preprocessed (resize/crop/RGB on the capture thread)
+#   wait        preprocessed -> inference start (queueing for the backend)
+#   infer       inference start -> end (the whole batch's inference)
+#   handoff     inference end -> post thread takes it
+#   postprocess threshold, regions, decision (the 2 ms budget), wall clock
+#   postprocess_cpu  the same, in CPU time of the post thread: the algorithm's cost without the
+#               waits for a core that a loaded machine adds to the wall clock
+#   publish     decided -> handed to the publisher (reject: spooled to disk first)
+#   decision    capture -> decided (what latency_ms in an event reports)
+#   total       capture -> published
+STAGES = (
+    "preprocess",
+    "wait",
+    "infer",
+    "handoff",
+    "postprocess",
+    "postprocess_cpu",
+    "publish",
+    "decision",
+    "total",
+)
+ERROR_STAGES = ("capture", "preprocess", "infer", "postprocess", "evidence", "publish", "metrics")
 POLL_S = 0.1  # how often blocked threads look at the stop/abort flags
 
 
 @dataclass
 class _Item:
     frame: Frame
+    station: Station
+    x: np.ndarray | None = None  # (3,H,W) uint8 RGB model input
     t_pre: float = 0.0
+    t_inf0: float = 0.0
     t_inf: float = 0.0
+    t_post0: float = 0.0
     amap: np.ndarray | None = None  # (1,H,W) float32
     score: float = 0.0
+    batch: int = 1
 
 
 def warn_thresholds_precision(thresholds: Any, bundle: Bundle, precision: str) -> bool:
@@ -91,66 +126,202 @@ def warmup(backend: Any) -> None:
     log.debug("warm-up inference %.1f ms", (time.monotonic() - t) * 1000)
 
 
-def _quantiles(scores: np.ndarray) -> dict[str, float | None]:
-    """Recent image scores -> {p50, p95, p99, max} (None while no part was seen)."""
-    keys = ("p50", "p95", "p99", "max")
-    if not scores.size:
-        return dict.fromkeys(keys)
-    q = np.quantile(scores, [0.5, 0.95, 0.99, 1.0])
-    return {k: round(float(v), 6) for k, v in zip(keys, q, strict=True)}
+class _Control:
+    """Flags shared by every thread of a run."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()  # stop capturing; drain what was captured
+        self.abort = threading.Event()  # stop everything now (fatal error)
+        self.fatal: BaseException | None = None
+
+    def fail(self, exc: BaseException, drain: bool = False) -> None:
+        """Record a fatal error; stop capture, and unless `drain`, stop inference too."""
+        if self.fatal is None:
+            self.fatal = exc
+        if not drain:
+            self.abort.set()
+        self.stop.set()
 
 
-class LatencyWindows:
-    """Rolling windows (bounded deques) of stage latencies in seconds -> percentiles in ms."""
+class Inbox:
+    """Bounded FIFO per station in front of one engine; the engine takes round-robin batches.
 
-    def __init__(self, stages: tuple[str, ...] = STAGES, maxlen: int = 2048):
-        self._w = {s: deque(maxlen=maxlen) for s in stages}
+    One condition variable for all: a producer blocks only on its own full queue (triggered
+    back-pressure), or drops its own oldest (continuous); the consumer wakes on any put.
+    """
 
-    def add(self, stage: str, seconds: float) -> None:
-        self._w[stage].append(max(0.0, seconds))
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._q: list[deque[_Item]] = []
+        self._cap: list[int] = []
+        self._open: set[int] = set()
+        self._rr = 0
 
-    def percentiles(self) -> dict[str, dict[str, float]]:
-        out = {}
-        for stage, win in self._w.items():
-            if win:
-                p = np.percentile(np.fromiter(win, float, len(win)), [50, 95, 99]) * 1000.0
-                out[stage] = {
-                    k: round(float(v), 3) for k, v in zip(("p50", "p95", "p99"), p, strict=True)
-                }
+    def add(self, capacity: int) -> int:
+        with self._cv:
+            self._q.append(deque())
+            self._cap.append(max(1, capacity))
+            key = len(self._q) - 1
+            self._open.add(key)
+            return key
+
+    def put(
+        self, key: int, item: _Item, drop_oldest: bool, abort: threading.Event
+    ) -> tuple[bool, int]:
+        """(put?, frames dropped to make room). False only when aborting."""
+        with self._cv:
+            q, cap = self._q[key], self._cap[key]
+            dropped = 0
+            if drop_oldest:
+                while len(q) >= cap:
+                    q.popleft()
+                    dropped += 1
             else:
-                out[stage] = {"p50": None, "p95": None, "p99": None}
-        return out
+                while len(q) >= cap:
+                    if abort.is_set():
+                        return False, 0
+                    self._cv.wait(POLL_S)
+            q.append(item)
+            self._cv.notify_all()
+            return True, dropped
+
+    def close(self, key: int) -> None:
+        """The producer `key` will put no more."""
+        with self._cv:
+            self._open.discard(key)
+            self._cv.notify_all()
+
+    def get_batch(self, n: int, timeout: float) -> list[_Item] | None:
+        """Up to n items, round-robin over stations; [] on timeout; None once all closed + empty."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while not any(self._q):
+                if not self._open:
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._cv.wait(left)
+            out: list[_Item] = []
+            k = len(self._q)
+            start = self._rr % k
+            self._rr += 1
+            while len(out) < n and any(self._q):
+                for i in range(k):
+                    q = self._q[(start + i) % k]
+                    if q and len(out) < n:
+                        out.append(q.popleft())
+            self._cv.notify_all()  # room for blocked producers
+            return out
+
+    def qsize(self, key: int) -> int:
+        return len(self._q[key])
 
 
-class Pipeline:
-    """Owns a source, backend, post-processor and publisher, and runs them as three threads.
+class Engine:
+    """One loaded model and the thread that feeds it, for one or more stations.
+
+    max_batch: most frames per inference for a dynamic-batch graph (0 = one per station
+    attached). A fixed-batch graph always takes input_shape[0] frames: a partial batch is
+    padded with zeros (the padding's outputs are discarded).
+    """
+
+    def __init__(self, backend: Any, max_batch: int = 0, name: str = "infer"):
+        self.backend = backend
+        self.name = name
+        self.dynamic = bool(getattr(backend, "dynamic_batch", False))
+        self.fixed_batch = None if self.dynamic else int(backend.input_shape[0])
+        self._max_batch_cfg = max_batch
+        self.inbox = Inbox()
+        self.stations: list[Station] = []
+        self.thread: threading.Thread | None = None
+        self.batches = 0
+        self.batched_frames = 0
+
+    @property
+    def max_batch(self) -> int:
+        if self.fixed_batch is not None:
+            return self.fixed_batch
+        return max(1, self._max_batch_cfg or len(self.stations))
+
+    def attach(self, station: Station) -> None:
+        station.engine = self
+        station.key = self.inbox.add(station.queue_size)
+        self.stations.append(station)
+
+    def loop(self, ctl: _Control) -> None:
+        b, c, h, w = self.backend.input_shape
+        while not ctl.abort.is_set():
+            items = self.inbox.get_batch(self.max_batch, POLL_S)
+            if items is None:
+                break  # every station's capture ended and everything was inferred
+            if not items:
+                continue
+            n = len(items)
+            if n == 1 and self.fixed_batch in (None, 1):
+                x = items[0].x[None]
+            else:
+                x = np.zeros((max(n, self.fixed_batch or 0), c, h, w), np.uint8)
+                for i, it in enumerate(items):
+                    x[i] = it.x
+            t0 = time.monotonic()
+            try:
+                maps, scores = self.backend.infer(x)
+            except Exception as exc:
+                items[0].station.errors["infer"] += 1
+                err = exc
+                if not isinstance(exc, LineInspectError):
+                    err = BackendError(f"{self.backend.name}: inference failed: {exc}")
+                    err.__cause__ = exc
+                log.error(
+                    "fatal: inference failed on frame %d of %s: %s",
+                    items[0].frame.seq,
+                    items[0].station.name,
+                    exc,
+                )
+                ctl.fail(err)
+                return
+            t1 = time.monotonic()
+            # A backend may hand out views of buffers it reuses (pinned host memory): copy the
+            # (small) maps before the next inference can overwrite them.
+            maps = np.array(maps[:n], dtype=np.float32, copy=True)
+            scores = np.asarray(scores[:n], dtype=np.float32)
+            self.batches += 1
+            self.batched_frames += n
+            for i, it in enumerate(items):
+                it.x = None  # the input is no longer needed: free it early
+                it.t_inf0, it.t_inf, it.batch = t0, t1, n
+                it.amap, it.score = maps[i], float(scores[i])
+                # Never drop after inference: the work is done, post-processing is cheap.
+                if not it.station.put_out(it, ctl):
+                    return
+
+
+class Station:
+    """One camera's runtime: capture (+preprocess) and post-processing (+publish) threads.
 
     Args:
         source: an opened edge.sources.Source.
-        backend: an edge.backends Backend.
-        postprocessor: edge.postprocess.PostProcessor for the backend's resolution.
+        postprocessor: edge.postprocess.PostProcessor for the model's resolution.
         publisher: edge.mqtt.Publisher (started), or any object with its publish_* / flush /
             close / stats methods.
         size: (H, W) model input. crop: (x, y, w, h) frame crop before resizing, or None.
         station, line: ids written into every event. model: {"name", "sha256"} for events.
         mode: "triggered" (never drop) | "continuous" (drop oldest under overload).
-        queue_size: capacity of each inter-stage queue.
+        queue_size: capacity of the station's inbox and output queue.
         read_timeout_s: source.read timeout (bounds how long stop() waits on an idle camera).
         metrics_interval_s: period of publish_metrics.
         publish_results: also publish_result for every part.
         max_frames: stop capture after this many frames (None = no limit).
-        evidence: optional hook (frame, anomaly_map (H,W), decision) -> path or None, called for
-            rejects before publishing; its path goes into the event's `evidence`.
-        flush_timeout_s: how long shutdown waits for the broker to acknowledge spooled rejects.
+        evidence: edge.evidence.EvidenceWriter or None.
+        watcher: edge.reload.ThresholdsWatcher or None (no hot reload).
         window: length of each rolling latency/score window (bounded memory).
-        warm: the backend already ran its warm-up inference (from_config does it).
     """
 
     def __init__(
         self,
         *,
         source: Any,
-        backend: Any,
         postprocessor: PostProcessor,
         publisher: Any,
         size: tuple[int, int],
@@ -164,250 +335,74 @@ class Pipeline:
         metrics_interval_s: float = 10.0,
         publish_results: bool = False,
         max_frames: int | None = None,
-        evidence: Callable[[Frame, np.ndarray, Decision], str | None] | None = None,
-        flush_timeout_s: float = 10.0,
+        evidence: Any = None,
+        watcher: ThresholdsWatcher | None = None,
         window: int = 2048,
-        warm: bool = False,
     ):
         if mode not in ("triggered", "continuous"):
             raise ValueError(f"mode: expected triggered or continuous, got {mode!r}")
-        self.source, self.backend, self.post, self.publisher = (
-            source,
-            backend,
-            postprocessor,
-            publisher,
-        )
+        self.source, self.post, self.publisher = source, postprocessor, publisher
         self.size = tuple(size)
         self.crop = tuple(crop) if crop is not None else None
-        self.station, self.line = station, line
+        self.name, self.line = station, line
         self.model = dict(model or {"name": "", "sha256": ""})
         self.mode = mode
+        self.queue_size = queue_size
         self.read_timeout_s = read_timeout_s
         self.metrics_interval_s = metrics_interval_s
         self.publish_results = publish_results
         self.max_frames = max_frames
         self.evidence = evidence
-        self.flush_timeout_s = flush_timeout_s
-        self.warm = warm  # False: run() does the warm-up inference first
-
-        self._q_in: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
-        self._q_out: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
-        self._stop = threading.Event()  # stop capturing, drain the rest
-        self._abort = threading.Event()  # fatal error: stop everything now
-        self._fatal: BaseException | None = None
-        self._threads: dict[str, threading.Thread] = {}
-
+        self.watcher = watcher
+        self.engine: Engine | None = None
+        self.key = -1
+        self.q_out: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
         self.latency = LatencyWindows(STAGES, window)
-        self._scores: deque[float] = deque(maxlen=window)
+        self._good_scores: deque[float] = deque(maxlen=window)
+        self._recent: deque[bool] = deque(maxlen=window)  # reject flags of recent parts
         self.captured = 0
         self.frames = 0
         self.rejects = 0
         self.drops = 0
+        self.drained_after_stop = 0
         self.errors = dict.fromkeys(ERROR_STAGES, 0)
+        self.threads: dict[str, threading.Thread] = {}
         self._t_start = 0.0
         self._t_first: float | None = None
         self._t_last = 0.0
         self._metrics_frames = 0
         self._metrics_t = 0.0
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_config(
-        cls,
-        cfg: Any,
-        *,
-        max_frames: int | None = None,
-        publisher: Any = None,
-        backend_opts: dict[str, Any] | None = None,
-    ) -> Pipeline:
-        """Build everything a station config names; fails fast (and cleans up) on any problem.
-
-        Order: bundle (hashes) -> thresholds (refused if missing) -> post-processor -> backend
-        (warmed up) -> publisher (started, unless one is given) -> source (opened).
-        """
-        bundle = Bundle(cfg.bundle)
-        thresholds = bundle.thresholds()  # BundleError telling to run calibration if missing
-        warn_thresholds_precision(thresholds, bundle, cfg.precision)
-        size = bundle.image_size
-        post = postprocessor_from_bundle(thresholds, size, cfg.preprocess, cfg.postprocess)
-        with contextlib.ExitStack() as undo:
-            backend = load_backend(cfg.backend, bundle, cfg.precision, **(backend_opts or {}))
-            undo.callback(backend.close)
-            warmup(backend)
-            model = {"name": bundle.manifest.name, "sha256": bundle.model_sha256(cfg.precision)}
-            if publisher is None:
-                from edge.mqtt import Publisher
-
-                status = {
-                    "station": cfg.station.name,
-                    "line": cfg.station.line,
-                    "model": model["name"],
-                    "model_sha256": model["sha256"],
-                    "precision": cfg.precision,
-                    "backend": backend.name,
-                    "config_sha256": cfg.sha256,
-                    "version": edge.__version__,
-                }
-                publisher = Publisher(cfg.mqtt, cfg.topic_base, status)
-                undo.callback(publisher.close)  # releases the spool if start() fails
-                publisher.start()  # BrokerError (one line) if unreachable
-            if cfg.evidence.dir:
-                log.warning("evidence.dir is set but evidence saving is not built in yet")
-            # The camera opens last: a live source starts buffering (and dropping) at once.
-            source = open_source(cfg.source)
-            undo.callback(source.close)
-            undo.pop_all()
-        return cls(
-            source=source,
-            backend=backend,
-            postprocessor=post,
-            publisher=publisher,
-            size=size,
-            crop=cfg.preprocess.crop,
-            station=cfg.station.name,
-            line=cfg.station.line,
-            model=model,
-            mode=cfg.mode,
-            queue_size=cfg.queue_size,
-            read_timeout_s=cfg.source.timeout_s,
-            metrics_interval_s=cfg.metrics.interval_s,
-            publish_results=cfg.mqtt.publish_results,
-            max_frames=max_frames,
-            warm=True,
-        )
-
-    # ------------------------------------------------------------------ control
-    def stop(self) -> None:
-        """Stop capturing; frames already captured are still processed. Signal-handler safe."""
-        self._stop.set()
+        self._fps = 0.0
 
     @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    def run(self) -> dict[str, Any]:
-        """Run until stop(), end of a file source, max_frames, or a fatal error.
-
-        Returns the summary dict; re-raises a fatal error (e.g. BackendError) after draining.
-        """
-        try:
-            if not self.warm:
-                warmup(self.backend)
-                self.warm = True
-            self._t_start = self._metrics_t = time.monotonic()
-            self._threads = {
-                # A failed source still lets captured frames drain; a crash elsewhere aborts.
-                "capture": threading.Thread(
-                    target=self._guard(self._capture_loop, drain=True), name="capture"
-                ),
-                "infer": threading.Thread(target=self._guard(self._infer_loop), name="infer"),
-                "post": threading.Thread(target=self._guard(self._post_loop), name="post"),
-            }
-            for t in self._threads.values():
-                t.daemon = True  # a wedged driver must not keep the process alive after exit
-                t.start()
-            # Join with a timeout so signal handlers run promptly in the main thread.
-            for t in self._threads.values():
-                while t.is_alive():
-                    t.join(POLL_S)
-        finally:
-            self._stop.set()
-            self._shutdown()
-        if self._fatal is not None:
-            raise self._fatal
-        return self.summary()
-
-    def _shutdown(self) -> None:
-        try:
-            if not self.publisher.flush(self.flush_timeout_s):
-                log.warning(
-                    "publisher not flushed within %.0fs; spooled events wait for the next start",
-                    self.flush_timeout_s,
-                )
-        except Exception as exc:
-            log.error("publisher flush failed: %s", exc)
-        for name, close in (
-            ("publisher", self.publisher.close),
-            ("source", self.source.close),
-            ("backend", self.backend.close),
-        ):
-            try:
-                close()
-            except Exception as exc:
-                log.error("closing %s failed: %s", name, exc)
-
-    def _guard(self, fn: Callable[[], None], drain: bool = False) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                fn()
-            except BaseException as exc:  # a failing stage must stop the run, loudly
-                if isinstance(exc, LineInspectError):
-                    log.error("%s: %s", threading.current_thread().name, exc)
-                else:
-                    log.exception("%s thread crashed", threading.current_thread().name)
-                self._fail(exc, drain)
-
-        return run
-
-    def _fail(self, exc: BaseException, drain: bool = False) -> None:
-        """Record a fatal error; stop capture, and unless `drain`, stop inference too."""
-        if self._fatal is None:
-            self._fatal = exc
-        if not drain:
-            self._abort.set()
-        self._stop.set()
+    def label(self) -> str:
+        return f"{self.line}/{self.name}"
 
     def _count_error(self, stage: str, exc: BaseException, what: str) -> None:
         self.errors[stage] += 1
         n = self.errors[stage]
         # Log the first few in full, then every 100th, so a persistent fault cannot flood the log.
         if n <= 5 or n % 100 == 0:
-            log.error("%s error #%d (%s): %s", stage, n, what, exc)
+            log.error("%s: %s error #%d (%s): %s", self.label, stage, n, what, exc)
 
-    # ------------------------------------------------------------------ queues
-    def _put(self, q: queue.Queue, item: _Item, drop_oldest: bool) -> bool:
-        """Blocking put (back-pressure) or drop-oldest put. False only when aborting."""
-        if drop_oldest:
-            while True:
-                try:
-                    q.put_nowait(item)
-                    return True
-                except queue.Full:
-                    try:
-                        q.get_nowait()
-                        self.drops += 1
-                    except queue.Empty:
-                        pass
-        while not self._abort.is_set():
-            try:
-                q.put(item, timeout=POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _get(self, q: queue.Queue, upstream: str, timeout: float = POLL_S) -> _Item | None:
-        """Next item, or None on timeout. Raises StopIteration once upstream ended and q is empty."""
+    # ------------------------------------------------------------------ capture thread
+    def capture_loop(self, ctl: _Control) -> None:
         try:
-            return q.get(timeout=timeout)
-        except queue.Empty:
-            # Upstream's last put happens-before its exit, so "dead then empty" means done.
-            if not self._threads[upstream].is_alive() and q.empty():
-                raise StopIteration from None
-            return None
+            self._capture(ctl)
+        finally:
+            self.engine.inbox.close(self.key)
 
-    # ------------------------------------------------------------------ stages
-    def _capture_loop(self) -> None:
+    def _capture(self, ctl: _Control) -> None:
         consecutive_errors = 0
-        while not self._stop.is_set():
+        while not ctl.stop.is_set():
             if self.max_frames is not None and self.captured >= self.max_frames:
-                log.info("max frames (%d) captured; draining", self.max_frames)
-                break
+                log.info("%s: max frames (%d) captured; draining", self.label, self.max_frames)
+                return
             try:
                 frame = self.source.read(self.read_timeout_s)
             except EndOfStream:
-                log.info("end of stream; draining")
-                break
+                log.info("%s: end of stream; draining", self.label)
+                return
             except Exception as exc:
                 consecutive_errors += 1
                 self._count_error("capture", exc, "source.read")
@@ -418,73 +413,99 @@ class Pipeline:
             consecutive_errors = 0
             if frame is None:
                 continue  # timeout: idle line or camera reconnecting
-            self.captured += 1
-            if not self._put(self._q_in, _Item(frame), self.mode == "continuous"):
-                break
+            if not self._submit(frame, ctl):
+                return
+        if not ctl.abort.is_set() and self.mode == "triggered":
+            self._take_buffered(ctl)
 
-    def _infer_loop(self) -> None:
-        while not self._abort.is_set():
+    def _take_buffered(self, ctl: _Control) -> None:
+        """After stop on a triggered line: inspect the frames a live camera already delivered."""
+        stop_capture = getattr(self.source, "stop_capture", None)
+        if stop_capture is None:
+            return  # a file has no "already captured" frames beyond what we read
+        stop_capture()
+        while self.max_frames is None or self.captured < self.max_frames:
             try:
-                item = self._get(self._q_in, "capture")
-            except StopIteration:
-                break
-            if item is None:
-                continue
-            try:
-                x = to_input(item.frame.image, self.size, self.crop)
+                frame = self.source.read(0)
             except Exception as exc:
-                self._count_error("preprocess", exc, f"frame {item.frame.seq}")
-                continue
-            item.t_pre = time.monotonic()
-            try:
-                maps, scores = self.backend.infer(x[None])
-            except Exception as exc:
-                self.errors["infer"] += 1
-                err = exc
-                if not isinstance(exc, LineInspectError):
-                    err = BackendError(f"{self.backend.name}: inference failed: {exc}")
-                    err.__cause__ = exc
-                log.error("fatal: inference failed on frame %d: %s", item.frame.seq, exc)
-                self._fail(err)
+                self._count_error("capture", exc, "reading buffered frames after stop")
                 break
-            item.t_inf = time.monotonic()
-            item.amap, item.score = maps[0], float(scores[0])
-            # Never drop after inference: the work is done, and post-processing is the cheap part.
-            if not self._put(self._q_out, item, drop_oldest=False):
+            if frame is None or not self._submit(frame, ctl):
                 break
+            self.drained_after_stop += 1
+        if self.drained_after_stop:
+            log.info(
+                "%s: %d buffered frame(s) inspected after stop", self.label, self.drained_after_stop
+            )
 
-    def _post_loop(self) -> None:
-        self._next_metrics = time.monotonic() + self.metrics_interval_s
+    def _submit(self, frame: Frame, ctl: _Control) -> bool:
+        """Preprocess and queue one captured frame. False only when aborting."""
+        self.captured += 1
+        try:
+            x = to_input(frame.image, self.size, self.crop)
+        except Exception as exc:
+            self._count_error("preprocess", exc, f"frame {frame.seq}")
+            return True
+        item = _Item(frame, self, x, t_pre=time.monotonic())
+        ok, dropped = self.engine.inbox.put(self.key, item, self.mode == "continuous", ctl.abort)
+        self.drops += dropped
+        return ok
+
+    # ------------------------------------------------------------------ engine -> post
+    def put_out(self, item: _Item, ctl: _Control) -> bool:
+        while not ctl.abort.is_set():
+            try:
+                self.q_out.put(item, timeout=POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # ------------------------------------------------------------------ post thread
+    def post_loop(self, ctl: _Control) -> None:
+        next_metrics = time.monotonic() + self.metrics_interval_s
+        engine_thread = self.engine.thread
         while True:
             now = time.monotonic()
-            if now >= self._next_metrics:
+            if now >= next_metrics:
                 self._publish_metrics()
-                self._next_metrics = now + self.metrics_interval_s
+                next_metrics = now + self.metrics_interval_s
+            if self.watcher is not None:
+                self.watcher.poll(now)  # between frames: never mid-decision
             try:
-                item = self._get(
-                    self._q_out, "infer", min(POLL_S, max(0.0, self._next_metrics - now))
-                )
-            except StopIteration:
-                break
-            if item is not None:
-                self._decide_and_publish(item)
+                item = self.q_out.get(timeout=min(POLL_S, max(0.0, next_metrics - now)))
+            except queue.Empty:
+                # The engine's last put happens-before its exit, so "dead then empty" means done.
+                if (engine_thread is None or not engine_thread.is_alive()) and self.q_out.empty():
+                    break
+                continue
+            self._decide_and_publish(item)
         self._publish_metrics()
 
     def _decide_and_publish(self, item: _Item) -> None:
         frame = item.frame
+        item.t_post0 = time.monotonic()
+        cpu0 = time.thread_time()
         try:
             decision = self.post(item.amap, item.score, frame.image.shape)
         except Exception as exc:
             self._count_error("postprocess", exc, f"frame {frame.seq}")
             return
         t_dec = time.monotonic()
-        evidence = None
-        if decision.reject and self.evidence is not None:
+        post_cpu = time.thread_time() - cpu0
+        event = self.event(frame, decision, t_dec - frame.t_mono, stages=self._stages_ms(item))
+        if self.evidence is not None:
             try:
-                evidence = self.evidence(frame, item.amap.reshape(self.size), decision)
+                event["evidence"] = self.evidence.offer(
+                    frame,
+                    item.amap.reshape(self.size),
+                    decision,
+                    event,
+                    self.post.view(frame.image.shape),
+                    self.thresholds_dict(),
+                )
             except Exception as exc:
-                self._count_error("postprocess", exc, f"evidence for frame {frame.seq}")
-        event = self.event(frame, decision, t_dec - frame.t_mono, evidence)
+                self._count_error("evidence", exc, f"frame {frame.seq}")
         try:
             if decision.reject:
                 self.publisher.publish_reject(event)
@@ -499,25 +520,51 @@ class Pipeline:
 
         self.frames += 1
         self.rejects += int(decision.reject)
-        self._scores.append(decision.score)
+        self._recent.append(decision.reject)
+        if not decision.reject:
+            self._good_scores.append(decision.score)
         if self._t_first is None:
             self._t_first = frame.t_mono
         self._t_last = t_pub
         lat = self.latency
         lat.add("preprocess", item.t_pre - frame.t_mono)
-        lat.add("infer", item.t_inf - item.t_pre)
-        lat.add("postprocess", t_dec - item.t_inf)
+        lat.add("wait", item.t_inf0 - item.t_pre)
+        lat.add("infer", item.t_inf - item.t_inf0)
+        lat.add("handoff", item.t_post0 - item.t_inf)
+        lat.add("postprocess", t_dec - item.t_post0)
+        lat.add("postprocess_cpu", post_cpu)
         lat.add("publish", t_pub - t_dec)
         lat.add("decision", t_dec - frame.t_mono)
         lat.add("total", t_pub - frame.t_mono)
 
+    @staticmethod
+    def _stages_ms(item: _Item) -> dict[str, float]:
+        t = item.frame.t_mono
+        marks = (
+            ("preprocess", item.t_pre),
+            ("wait", item.t_inf0),
+            ("infer", item.t_inf),
+            ("handoff", item.t_post0),
+        )
+        out = {}
+        for name, mark in marks:
+            out[name] = round(max(0.0, mark - t) * 1000.0, 3)
+            t = mark
+        out["batch"] = item.batch
+        return out
+
     def event(
-        self, frame: Frame, decision: Decision, latency_s: float, evidence: str | None = None
+        self,
+        frame: Frame,
+        decision: Decision,
+        latency_s: float,
+        evidence: str | None = None,
+        stages: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         """The reject event payload (the result event adds "decision")."""
-        return {
+        ev = {
             "event_id": str(uuid.uuid4()),
-            "station": self.station,
+            "station": self.name,
             "line": self.line,
             "part_id": frame.part_id,
             "frame": frame.seq,
@@ -530,6 +577,16 @@ class Pipeline:
             "latency_ms": round(latency_s * 1000.0, 3),
             "evidence": evidence,
         }
+        if stages is not None:
+            ev["stages_ms"] = stages
+        return ev
+
+    def thresholds_dict(self) -> dict[str, Any]:
+        return {
+            "image_threshold": self.post.image_threshold,
+            "pixel_threshold": self.post.pixel_threshold,
+            "min_region_area": self.post.min_region_area,
+        }
 
     # ------------------------------------------------------------------ reporting
     def _publish_metrics(self) -> None:
@@ -539,25 +596,46 @@ class Pipeline:
             self._count_error("metrics", exc, "publish_metrics")
 
     def metrics(self) -> dict[str, Any]:
-        """Periodic metrics: fps over the last interval, drops, errors, latency and score stats."""
+        """Periodic metrics (also advances the fps interval)."""
         now = time.monotonic()
-        dt = max(now - self._metrics_t, 1e-9)
-        fps = (self.frames - self._metrics_frames) / dt
+        dt = now - self._metrics_t
+        if dt > 0:
+            self._fps = (self.frames - self._metrics_frames) / dt
         self._metrics_t, self._metrics_frames = now, self.frames
-        scores = np.fromiter(self._scores, float, len(self._scores))
-        return {
+        # The publisher adds its own counters under "mqtt" (edge/schemas/metrics.json).
+        return self.snapshot(publisher_stats=False)
+
+    def snapshot(self, publisher_stats: bool = True) -> dict[str, Any]:
+        """Current metrics without side effects (safe from another thread, e.g. Prometheus).
+
+        publisher_stats: include the publisher's stats() under "mqtt"."""
+        recent = list(self._recent)
+        out = {
             "time": time.time(),
-            "uptime_s": round(now - self._t_start, 3),
-            "fps": round(fps, 3),
+            "station": self.name,
+            "line": self.line,
+            "uptime_s": round(time.monotonic() - self._t_start, 3) if self._t_start else 0.0,
+            "fps": round(self._fps, 3),
             "frames": self.frames,
+            "captured": self.captured,
             "rejects": self.rejects,
-            "reject_rate": round(self.rejects / self.frames, 6) if self.frames else 0.0,
+            "reject_rate": round(sum(recent) / len(recent), 6) if recent else 0.0,
             "drops": self._drops_total(),
             "errors": dict(self.errors),
-            "queues": [self._q_in.qsize(), self._q_out.qsize()],
+            "queues": [self.engine.inbox.qsize(self.key) if self.engine else 0, self.q_out.qsize()],
             "latency_ms": self.latency.percentiles(),
-            "score_quantiles": _quantiles(scores),
+            "score_quantiles": quantiles(list(self._good_scores)),
+            "source": self._source_stats(),
+            "thresholds": self.snapshot_thresholds(),
         }
+        if self.evidence is not None:
+            out["evidence"] = self.evidence.stats()
+        if publisher_stats:
+            try:
+                out["mqtt"] = self.publisher.stats()
+            except Exception as exc:
+                self._count_error("metrics", exc, "publisher.stats")
+        return out
 
     def _drops_total(self) -> int:
         return self.drops + int(self._source_stats().get("dropped", 0))
@@ -565,7 +643,8 @@ class Pipeline:
     def _source_stats(self) -> dict[str, Any]:
         try:
             return self.source.stats()
-        except Exception:
+        except Exception as exc:
+            self._count_error("metrics", exc, "source.stats")
             return {}
 
     def summary(self) -> dict[str, Any]:
@@ -573,24 +652,440 @@ class Pipeline:
         busy = (self._t_last - self._t_first) if self._t_first is not None else 0.0
         try:
             pub_stats = self.publisher.stats()
-        except Exception:
+        except Exception as exc:
+            self._count_error("metrics", exc, "publisher.stats")
             pub_stats = {}
-        return {
+        eng = self.engine
+        out = {
+            "station": self.name,
+            "line": self.line,
             "frames": self.frames,
             "captured": self.captured,
             "rejects": self.rejects,
             "passes": self.frames - self.rejects,
             "drops": self._drops_total(),
             "drops_queue": self.drops,
+            "drained_after_stop": self.drained_after_stop,
             "errors": sum(self.errors.values()),
             "errors_by_stage": dict(self.errors),
-            "fps": round(self.frames / busy, 3) if busy > 0 else 0.0,
+            # frames-1 intervals between the first capture and the last publish
+            "fps": round((self.frames - 1) / busy, 3) if busy > 0 and self.frames > 1 else 0.0,
             "elapsed_s": round(time.monotonic() - self._t_start, 3) if self._t_start else 0.0,
             "latency_ms": self.latency.percentiles(),
+            "score_quantiles": quantiles(list(self._good_scores)),
+            "thresholds": self.snapshot_thresholds(),
             "source": self._source_stats(),
             "publisher": pub_stats,
             "mode": self.mode,
+            "batch_mean": round(eng.batched_frames / eng.batches, 3) if eng and eng.batches else 0,
         }
+        if self.evidence is not None:
+            out["evidence"] = self.evidence.stats()
+        return out
+
+    def snapshot_thresholds(self) -> dict[str, Any]:
+        """Thresholds in force and the hot-reload counters."""
+        th = self.thresholds_dict()
+        w = self.watcher
+        th.update(reloads=w.reloads if w else 0, refused=w.refused if w else 0)
+        return th
 
 
-Station = Pipeline  # the name the design uses for "one inspection station's runtime"
+class Pipeline:
+    """Stations and engines run as one unit: `run()` until stopped, then drain and flush.
+
+    The keyword constructor builds the common case, one station on its own backend (see
+    `Station` for the arguments; `backend`, `max_batch`, `flush_timeout_s` and `warm` are the
+    engine's and the run's). `from_config` / `from_configs` build from station YAML files;
+    several stations on the same bundle share one loaded model.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: Any,
+        max_batch: int = 0,
+        flush_timeout_s: float = 10.0,
+        warm: bool = False,
+        **station_kwargs: Any,
+    ):
+        engine = Engine(backend, max_batch)
+        station = Station(**station_kwargs)
+        engine.attach(station)
+        self._setup([station], [engine], flush_timeout_s, warm)
+
+    @classmethod
+    def from_stations(
+        cls,
+        stations: list[Station],
+        engines: list[Engine],
+        *,
+        flush_timeout_s: float = 10.0,
+        warm: bool = False,
+    ) -> Pipeline:
+        self = cls.__new__(cls)
+        self._setup(stations, engines, flush_timeout_s, warm)
+        return self
+
+    def _setup(
+        self, stations: list[Station], engines: list[Engine], flush_timeout_s: float, warm: bool
+    ) -> None:
+        if not stations:
+            raise ValueError("a pipeline needs at least one station")
+        self.stations = stations
+        self.engines = engines
+        self.flush_timeout_s = flush_timeout_s
+        self.warm = warm
+        self._ctl = _Control()
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ single-station view
+    @property
+    def station(self) -> Station:
+        return self.stations[0]
+
+    @property
+    def errors(self) -> dict[str, int]:
+        return self.station.errors
+
+    @property
+    def latency(self) -> LatencyWindows:
+        return self.station.latency
+
+    @property
+    def max_frames(self) -> int | None:
+        return self.station.max_frames
+
+    @max_frames.setter
+    def max_frames(self, n: int | None) -> None:
+        for st in self.stations:
+            st.max_frames = n
+
+    def metrics(self) -> dict[str, Any]:
+        return self.station.metrics()
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Every station's current metrics (for the Prometheus endpoint)."""
+        return [st.snapshot() for st in self.stations]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Any,
+        *,
+        max_frames: int | None = None,
+        publisher: Any = None,
+        backend_opts: dict[str, Any] | None = None,
+    ) -> Pipeline:
+        """One station from a StationConfig (see from_configs)."""
+        return cls.from_configs(
+            [cfg],
+            max_frames=max_frames,
+            publishers=None if publisher is None else [publisher],
+            backend_opts=backend_opts,
+        )
+
+    @classmethod
+    def from_configs(
+        cls,
+        cfgs: list[Any],
+        *,
+        max_frames: int | None = None,
+        publishers: list[Any] | None = None,
+        backend_opts: dict[str, Any] | None = None,
+    ) -> Pipeline:
+        """Build every station the configs name; fails fast (and cleans up) on any problem.
+
+        Order: bundles (hashes) -> thresholds (refused if missing) -> post-processors ->
+        backends (one per distinct bundle/backend/precision/threads, warmed up) -> publishers
+        (started, unless given) -> evidence folders -> sources (opened last: a live camera
+        starts buffering at once).
+        """
+        _check_distinct(cfgs)
+        threads = {c.runtime.opencv_threads for c in cfgs}
+        if len(threads) > 1:
+            log.warning("runtime.opencv_threads differs between stations; using the largest")
+        # Decode/resize/post run on their own threads, one core each: an OpenCV pool per call
+        # would only take cores from inference.
+        cv2.setNumThreads(max(threads))
+        engines: dict[tuple, Engine] = {}
+        parts: list[dict[str, Any]] = []
+        with contextlib.ExitStack() as undo:
+            for i, cfg in enumerate(cfgs):
+                bundle = Bundle(cfg.bundle)
+                th = bundle.thresholds()  # BundleError telling to run calibration if missing
+                validate_thresholds(th, bundle.thresholds_path)
+                warn_thresholds_precision(th, bundle, cfg.precision)
+                size = bundle.image_size
+                post = postprocessor_from_bundle(th, size, cfg.preprocess, cfg.postprocess)
+                rt = cfg.runtime
+                key = (
+                    str(bundle.root.resolve()),
+                    cfg.backend,
+                    cfg.precision,
+                    rt.inference_threads,
+                    rt.spin,
+                )
+                if key not in engines:
+                    opts = {"intra_op_threads": rt.inference_threads, "spin": rt.spin}
+                    opts.update(backend_opts or {})
+                    backend = load_backend(cfg.backend, bundle, cfg.precision, **opts)
+                    undo.callback(backend.close)
+                    warmup(backend)
+                    engines[key] = Engine(backend, rt.max_batch, name=f"infer-{len(engines)}")
+                engine = engines[key]
+                model = {
+                    "name": bundle.manifest.name,
+                    "sha256": bundle.model_sha256(cfg.precision),
+                }
+                publisher = publishers[i] if publishers is not None else None
+                if publisher is None:
+                    from edge.mqtt import Publisher
+
+                    status = {
+                        "station": cfg.station.name,
+                        "line": cfg.station.line,
+                        "model": model["name"],
+                        "model_sha256": model["sha256"],
+                        "precision": cfg.precision,
+                        "backend": engine.backend.name,
+                        "config_sha256": cfg.sha256,
+                        "version": edge.__version__,
+                    }
+                    publisher = Publisher(cfg.mqtt, cfg.topic_base, status)
+                    undo.callback(publisher.close)  # releases the spool if start() fails
+                    # BrokerError (one line) if unreachable, unless the config says to
+                    # inspect and spool until the broker comes.
+                    publisher.start(required=cfg.mqtt.require_broker_at_start)
+                from edge import evidence as evidence_mod
+
+                writer = evidence_mod.from_config(
+                    cfg,
+                    info={
+                        "station": cfg.station.name,
+                        "line": cfg.station.line,
+                        "bundle": str(bundle.root),
+                        "model_sha256": model["sha256"],
+                        "model_input": list(size),
+                        "crop": cfg.preprocess.crop,
+                        "note": "raw frames (BGR PNG) of accepted parts; apply `crop` before "
+                        "edge.preprocess.to_input, as the station does",
+                    },
+                )
+                parts.append(
+                    dict(
+                        cfg=cfg,
+                        bundle=bundle,
+                        th=th,
+                        post=post,
+                        engine=engine,
+                        model=model,
+                        publisher=publisher,
+                        evidence=writer,
+                    )
+                )
+            stations = []
+            for p in parts:
+                cfg = p["cfg"]
+                source = open_source(cfg.source)
+                undo.callback(source.close)
+                label = f"{cfg.station.line}/{cfg.station.name}"
+                watcher = ThresholdsWatcher(
+                    p["bundle"],
+                    _threshold_applier(p["post"], cfg, p["bundle"], label),
+                    p["th"],
+                    watch=cfg.thresholds.watch,
+                    check_interval_s=cfg.thresholds.check_interval_s,
+                    label=label,
+                )
+                st = Station(
+                    source=source,
+                    postprocessor=p["post"],
+                    publisher=p["publisher"],
+                    size=p["bundle"].image_size,
+                    crop=cfg.preprocess.crop,
+                    station=cfg.station.name,
+                    line=cfg.station.line,
+                    model=p["model"],
+                    mode=cfg.mode,
+                    queue_size=cfg.queue_size,
+                    read_timeout_s=cfg.source.timeout_s,
+                    metrics_interval_s=cfg.metrics.interval_s,
+                    publish_results=cfg.mqtt.publish_results,
+                    max_frames=max_frames,
+                    evidence=p["evidence"],
+                    watcher=watcher,
+                    window=cfg.metrics.window,
+                )
+                p["engine"].attach(st)
+                stations.append(st)
+            undo.pop_all()
+        return cls.from_stations(stations, list(engines.values()), warm=True)
+
+    # ------------------------------------------------------------------ control
+    def stop(self) -> None:
+        """Stop capturing; frames already captured are still processed. Signal-handler safe."""
+        self._ctl.stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._ctl.stop.is_set()
+
+    def request_reload(self) -> None:
+        """Re-read thresholds.yaml at the next frame of every station (SIGHUP). Signal-safe."""
+        for st in self.stations:
+            if st.watcher is not None:
+                st.watcher.request()
+
+    def run(self) -> dict[str, Any]:
+        """Run until stop(), end of every file source, max_frames, or a fatal error.
+
+        Returns the summary dict; re-raises a fatal error (e.g. BackendError) after draining.
+        """
+        ctl = self._ctl
+        try:
+            if not self.warm:
+                for eng in self.engines:
+                    warmup(eng.backend)
+                self.warm = True
+            t0 = time.monotonic()
+            threads: list[threading.Thread] = []
+            for eng in self.engines:
+                eng.thread = threading.Thread(
+                    target=self._guard(eng.loop, ctl), name=eng.name, daemon=True
+                )
+            for st in self.stations:
+                st._t_start = st._metrics_t = t0
+                if st.evidence is not None:
+                    st.evidence.start()
+                suffix = f"-{st.name}" if len(self.stations) > 1 else ""
+                # A failed source still lets captured frames drain; a crash elsewhere aborts.
+                st.threads = {
+                    "capture": threading.Thread(
+                        target=self._guard(st.capture_loop, ctl, drain=True),
+                        name=f"capture{suffix}",
+                        daemon=True,
+                    ),
+                    "post": threading.Thread(
+                        target=self._guard(st.post_loop, ctl), name=f"post{suffix}", daemon=True
+                    ),
+                }
+                threads += st.threads.values()
+            threads += [eng.thread for eng in self.engines]
+            self._threads = threads
+            # daemon: a wedged driver must not keep the process alive after exit
+            for t in threads:
+                t.start()
+            # Join with a timeout so signal handlers run promptly in the main thread.
+            for t in threads:
+                while t.is_alive():
+                    t.join(POLL_S)
+        finally:
+            ctl.stop.set()
+            self._shutdown()
+        if ctl.fatal is not None:
+            raise ctl.fatal
+        return self.summary()
+
+    def _shutdown(self) -> None:
+        for st in self.stations:
+            if st.evidence is not None:
+                st.evidence.close(self.flush_timeout_s)
+        deadline = time.monotonic() + self.flush_timeout_s
+        for st in self.stations:
+            try:
+                if not st.publisher.flush(max(0.0, deadline - time.monotonic())):
+                    log.warning(
+                        "%s: publisher not flushed within %.0fs; spooled events wait for the "
+                        "next start",
+                        st.label,
+                        self.flush_timeout_s,
+                    )
+            except Exception as exc:
+                log.error("%s: publisher flush failed: %s", st.label, exc)
+        closers: list[tuple[str, Callable[[], Any]]] = []
+        for st in self.stations:
+            closers += [(f"{st.label} publisher", st.publisher.close)]
+            closers += [(f"{st.label} source", st.source.close)]
+        closers += [(f"{eng.name} backend", eng.backend.close) for eng in self.engines]
+        for name, close in closers:
+            try:
+                close()
+            except Exception as exc:
+                log.error("closing %s failed: %s", name, exc)
+
+    def _guard(
+        self, fn: Callable[[_Control], None], ctl: _Control, drain: bool = False
+    ) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn(ctl)
+            except BaseException as exc:  # a failing stage must stop the run, loudly
+                if isinstance(exc, LineInspectError):
+                    log.error("%s: %s", threading.current_thread().name, exc)
+                else:
+                    log.exception("%s thread crashed", threading.current_thread().name)
+                ctl.fail(exc, drain)
+
+        return run
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> dict[str, Any]:
+        """One station: its summary. Several: totals plus "stations": {line/name: summary}."""
+        if len(self.stations) == 1:
+            return self.station.summary()
+        per = {st.label: st.summary() for st in self.stations}
+        total = {
+            k: sum(s[k] for s in per.values())
+            for k in ("frames", "captured", "rejects", "passes", "drops", "errors")
+        }
+        total["fps"] = round(sum(s["fps"] for s in per.values()), 3)
+        total["engines"] = [
+            {
+                "name": eng.name,
+                "backend": eng.backend.name,
+                "stations": [st.label for st in eng.stations],
+                "max_batch": eng.max_batch,
+                "batches": eng.batches,
+                "batch_mean": round(eng.batched_frames / eng.batches, 3) if eng.batches else 0,
+            }
+            for eng in self.engines
+        ]
+        total["stations"] = per
+        return total
+
+
+def _threshold_applier(
+    post: PostProcessor, cfg: Any, bundle: Bundle, label: str
+) -> Callable[[Any], None]:
+    def apply(th: Any) -> None:
+        warn_thresholds_precision(th, bundle, cfg.precision)
+        post.set_thresholds(
+            th.image_threshold, th.pixel_threshold, effective_min_area(th, cfg.postprocess)
+        )
+
+    return apply
+
+
+def _check_distinct(cfgs: list[Any]) -> None:
+    """Stations in one process must not share ids, MQTT client ids, spools or folders."""
+    seen: dict[str, dict[Any, str]] = {}
+    for cfg in cfgs:
+        checks = {
+            "station (line/name)": (cfg.station.line, cfg.station.name),
+            "mqtt.client_id": cfg.mqtt.client_id,
+            "mqtt.spool": os.path.realpath(cfg.mqtt.spool),
+            "evidence.dir": cfg.evidence.dir and os.path.realpath(cfg.evidence.dir),
+            "recalibration.dir": cfg.recalibration.dir and os.path.realpath(cfg.recalibration.dir),
+        }
+        for what, value in checks.items():
+            if value is None:
+                continue
+            other = seen.setdefault(what, {}).get(value)
+            if other is not None:
+                raise ConfigError(
+                    f"{cfg.path}: {what} {value!r} is also used by {other}; stations in one "
+                    "process need their own"
+                )
+            seen[what][value] = cfg.path

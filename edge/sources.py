@@ -328,7 +328,7 @@ class LiveSource(_BaseSource):
                 raise SourceError(msg)
             self._stats["last_error"] = msg
             log.warning(
-                "%s; retrying every %.1f-%.1fs", msg, self.reconnect_min_s, self.reconnect_max_s
+                "%s; retrying every %.3g-%.3gs", msg, self.reconnect_min_s, self.reconnect_max_s
             )
         else:
             self._stats["connected"] = True

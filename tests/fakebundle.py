@@ -22,9 +22,12 @@ from edge.bundle import FileEntry, InputSpec, Manifest, write_manifest
 GREY = 128
 
 
-def make_model(path: str | Path, size: tuple[int, int] = (64, 64), dynamic: bool = True) -> Path:
+def make_model(
+    path: str | Path, size: tuple[int, int] = (64, 64), dynamic: bool = True, batch: int = 1
+) -> Path:
+    """dynamic: batch dimension "B"; else fixed at `batch`."""
     h, w = size
-    b = "B" if dynamic else 1
+    b = "B" if dynamic else batch
     x = helper.make_tensor_value_info("image", TensorProto.UINT8, [b, 3, h, w])
     amap = helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [b, 1, h, w])
     score = helper.make_tensor_value_info("score", TensorProto.FLOAT, [b])
@@ -56,16 +59,17 @@ def make_bundle(
     with_thresholds: bool = True,
     name: str = "fake",
     dynamic: bool = True,
+    batch: int = 1,
 ) -> Path:
     """Write a bundle under `root`. Default thresholds: image 0.5, pixel 0.5, min area 4."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    make_model(root / "model.onnx", size, dynamic)
+    make_model(root / "model.onnx", size, dynamic, batch)
     manifest = Manifest(
         name=name,
         model="fake",
         backbone="none",
-        input=InputSpec(height=size[0], width=size[1]),
+        input=InputSpec(height=size[0], width=size[1], batch=batch),
         files={"model.onnx": FileEntry("", 0)},
         provenance={"note": "tests/fakebundle.py"},
     )

@@ -149,3 +149,31 @@ def test_manifest_tensor_names_are_checked(tmp_path):
     (root / MANIFEST).write_text(yaml.safe_dump(m))
     with pytest.raises(BackendError, match="no output 'image_score'"):
         load_backend("onnxruntime", Bundle(root))
+
+
+def test_onnxruntime_threads_spin_and_batch_flags(bundle):
+    be = load_backend("onnxruntime", bundle, intra_op_threads=1, spin=True)
+    assert be.threads == 1 and be.spin is True and be.dynamic_batch is True
+    be.close()
+
+
+def test_tuning_options_go_only_to_backends_that_take_them(bundle, monkeypatch):
+    """A station's ONNX Runtime thread settings must not stop another backend from loading."""
+    import edge.backends as backends
+
+    class Plain:
+        name = "plain"
+        input_shape = (1, 3, *SIZE)
+
+        def __init__(self, bundle, precision="fp32", *, device_id=0):
+            self.device_id = device_id
+
+        def infer(self, batch):
+            raise NotImplementedError
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(backends, "backend_class", lambda name: Plain)
+    be = backends.load_backend("plain", bundle, "fp32", intra_op_threads=2, spin=True, device_id=3)
+    assert isinstance(be, Plain) and be.device_id == 3

@@ -92,3 +92,47 @@ def test_example_config_loads():
     assert cfg.source.uri == "v4l2:///dev/video0"
     assert Path(cfg.bundle).is_absolute()
     assert cfg.mode in ("triggered", "continuous")
+
+
+def test_new_sections_load_and_resolve(tmp_path):
+    p = write(
+        tmp_path,
+        "bundle: bundle\n"
+        "source:\n  uri: rtsp://cam/x\n  reconnect_max_s: 4.0\n  retry_open: false\n"
+        "evidence: {dir: ev, sample_pass_rate: 0.1, jpeg_quality: 80}\n"
+        "recalibration: {dir: recal, sample_rate: 0.05, quota_mb: 200}\n"
+        "thresholds: {watch: false, check_interval_s: 2.0}\n"
+        "runtime: {inference_threads: 2, spin: true, opencv_threads: 1, max_batch: 4}\n"
+        "metrics: {interval_s: 5.0, window: 512}\n",
+    )
+    cfg = config.load(p)
+    assert cfg.source.reconnect_max_s == 4.0 and cfg.source.retry_open is False
+    assert cfg.evidence.dir == str(tmp_path / "ev") and cfg.evidence.jpeg_quality == 80
+    assert cfg.recalibration.dir == str(tmp_path / "recal") and cfg.recalibration.quota_mb == 200
+    assert cfg.thresholds.watch is False and cfg.runtime.spin is True
+    assert cfg.runtime.max_batch == 4 and cfg.metrics.window == 512
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ("evidence: {sample_pass_rate: 1.5}\n", "evidence.sample_pass_rate"),
+        ("evidence: {quota_mb: 0}\n", "evidence.quota_mb"),
+        ("recalibration: {sample_rate: -0.1}\n", "recalibration.sample_rate"),
+        ("runtime: {inference_threads: -1}\n", "runtime.inference_threads"),
+        ("source: {uri: x, reconnect_min_s: 5.0, reconnect_max_s: 1.0}\n", "source.reconnect"),
+        ("source: {uri: x, timeout_s: 0}\n", "source.timeout_s"),
+        ("thresholds: {check_interval_s: 0}\n", "thresholds.check_interval_s"),
+        ("metrics: {window: 0}\n", "metrics"),
+        ("runtime: {threads: 2}\n", "runtime.threads"),
+    ],
+)
+def test_new_sections_reject_bad_values_naming_the_key(tmp_path, extra, key):
+    text = MINIMAL.format(uri="frames/")
+    if extra.startswith("source:"):
+        text = "bundle: bundle\n"
+    p = write(tmp_path, text + extra)
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert str(p) in str(e.value) and key in str(e.value)
+    assert "source.source" not in str(e.value)

@@ -1,12 +1,11 @@
 """Pipeline with the fake bundle (unit, fake publisher), the CLI, and end to end with mosquitto."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,10 @@ from edge import config
 from edge.__main__ import main
 from edge.backends import load_backend
 from edge.bundle import Bundle
-from edge.errors import BackendError, BundleError
+from edge.errors import BackendError, BundleError, ConfigError
 from edge.pipeline import Pipeline
 from edge.postprocess import PostProcessor
-from edge.sources import EndOfStream, Frame, create_source
+from edge.sources import EndOfStream, Frame, LiveSource, create_source
 from tests.fakebundle import make_bundle, write_frames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +39,7 @@ REJECT_KEYS = {
     "model",
     "latency_ms",
     "evidence",
+    "stages_ms",
 }
 
 
@@ -168,12 +168,20 @@ def test_one_decision_per_frame_in_order(tmp_path, bundle_dir):
     assert pub.flushed and pub.closed
     assert set(s["latency_ms"]) == {
         "preprocess",
+        "wait",
         "infer",
+        "handoff",
         "postprocess",
+        "postprocess_cpu",
         "publish",
         "decision",
         "total",
     }
+    # Per-frame stage stamps add up to the decision latency.
+    st = e["stages_ms"]
+    assert set(st) == {"preprocess", "wait", "infer", "handoff", "batch"} and st["batch"] == 1
+    parts = st["preprocess"] + st["wait"] + st["infer"] + st["handoff"]
+    assert 0 < parts <= e["latency_ms"] + 1e-3
     assert s["latency_ms"]["total"]["p99"] >= s["latency_ms"]["total"]["p50"] > 0
     assert s["fps"] > 0 and s["source"]["frames"] == 8
     assert pub.metrics  # at least the final metrics
@@ -272,13 +280,18 @@ def test_periodic_metrics_and_bounded_windows(tmp_path, bundle_dir):
     m = pub.metrics[-1]
     for key in ("fps", "frames", "rejects", "reject_rate", "drops", "errors", "latency_ms"):
         assert key in m
-    assert m["frames"] == 40 and m["score_quantiles"]["max"] > 0.9
-    assert all(len(w) == 8 for w in p.latency._w.values()) and len(p._scores) == 8
+    # score_quantiles cover ACCEPTED parts only (drift of good parts): defects stay out.
+    assert m["frames"] == 40 and m["score_quantiles"]["max"] < 0.1
+    assert m["score_quantiles"]["n"] == 8  # bounded by the window
+    # frames 2, 8, .., 38 are defects; the last 8 parts (32..39) hold two of them
+    assert m["rejects"] == 7 and m["reject_rate"] == 0.25
+    assert all(len(w) == 8 for w in p.latency._w.values())
+    assert len(p.station._good_scores) == 8 and len(p.station._recent) == 8
     assert s["frames"] == 40
 
 
 # ------------------------------------------------------------------------------- config / CLI
-def station_yaml(tmp_path, bundle, src, port=1, **extra) -> Path:
+def station_yaml(tmp_path, bundle, src, port=1, *, filename="station.yaml", **extra) -> Path:
     d = {
         "station": {"line": "lineT", "name": "stT"},
         "bundle": str(bundle),
@@ -292,7 +305,7 @@ def station_yaml(tmp_path, bundle, src, port=1, **extra) -> Path:
             d[k].update(v)
         else:
             d[k] = v
-    p = tmp_path / "station.yaml"
+    p = tmp_path / filename
     p.write_text(yaml.safe_dump(d))
     return p
 
@@ -358,14 +371,29 @@ def test_cli_unreachable_broker(tmp_path, capsys, bundle_dir):
         assert f"127.0.0.1:{port}" in errors[0]
 
 
+def test_run_without_broker_at_start_inspects_and_spools(tmp_path, capsys, bundle_dir):
+    """require_broker_at_start: false -> no exit (no systemd restart loop); rejects kept on disk."""
+    from edge.spool import Spool
+    from tests.broker import free_port
+
+    port = free_port()  # nothing listens there
+    frames = write_frames(tmp_path / "f", {1, 3}, 4, FRAME_SHAPE)
+    cfg = station_yaml(
+        tmp_path, bundle_dir, frames, port, mqtt={"require_broker_at_start": False}
+    )
+    code, err = run_cli(capsys, "run", str(cfg))
+    assert code == 0, err
+    with Spool(tmp_path / "spool.db") as spool:
+        assert len(spool) == 2  # both rejects wait for the broker, none lost
+
+
 def test_cli_help_lists_commands():
     out = subprocess.run(
         [sys.executable, "-m", "edge", "--help"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0
-    for cmd in ("run", "check", "listen"):
+    for cmd in ("run", "check", "listen", "bench"):
         assert cmd in out.stdout
-    assert "bench" not in out.stdout
 
 
 def test_edge_imports_no_workstation_packages():
@@ -422,34 +450,240 @@ def test_check_prints_findings(tmp_path, mosquitto, bundle_dir, capsys):
     assert "reject" in out and f"127.0.0.1:{mosquitto.port}" in out
 
 
-@pytest.mark.broker
-@pytest.mark.slow
-def test_sigterm_drains_and_exits_zero(tmp_path, mosquitto, bundle_dir):
-    folder = write_frames(tmp_path / "frames", {1}, 4, FRAME_SHAPE)
-    cfg = station_yaml(
-        tmp_path, bundle_dir, folder, mosquitto.port, source={"loop": True, "rate": 50.0}
+# ------------------------------------------------------------------ stations, engines, batching
+def test_two_stations_share_one_engine_and_batch(tmp_path, bundle_dir):
+    """Frames of two cameras go through one model in batches; each decision goes back to the
+    station whose frame it was (a mix-up would show as wrong rejects)."""
+    from edge.pipeline import Engine, Station
+    from tests.fakebundle import defect_frame, good_frame
+
+    b = Bundle(bundle_dir)
+    th = b.thresholds()
+    backend = SlowBackend(load_backend("onnxruntime", b), delay_s=0.02)
+    backend.dynamic_batch = True
+    engine = Engine(backend)  # max_batch 0: one frame per station attached
+    defects = {"A": {1, 2, 7}, "B": {0, 5}}
+    pubs, stations = {}, []
+    for name, bad in defects.items():
+        images = [defect_frame() if i in bad else good_frame() for i in range(10)]
+        pubs[name] = FakePublisher()
+        st = Station(
+            source=ListSource(images),
+            postprocessor=PostProcessor(th.image_threshold, th.pixel_threshold, 4, SIZE),
+            publisher=pubs[name],
+            size=SIZE,
+            station=name,
+            publish_results=True,
+        )
+        engine.attach(st)
+        stations.append(st)
+    p = Pipeline.from_stations(stations, [engine])
+    s = p.run()
+    assert engine.max_batch == 2 and engine.batched_frames == 20
+    assert engine.batches < 20  # some inferences took a frame of each camera
+    assert s["frames"] == 20 and set(s["stations"]) == {"line1/A", "line1/B"}
+    assert s["engines"][0]["stations"] == ["line1/A", "line1/B"]
+    for name, bad in defects.items():
+        res = pubs[name].results
+        assert [r["frame"] for r in res] == list(range(10))
+        assert {r["frame"] for r in res if r["decision"] == "reject"} == bad
+        assert all(r["station"] == name for r in res)
+    batched = [r["stages_ms"]["batch"] for r in pubs["A"].results + pubs["B"].results]
+    assert max(batched) == 2
+
+
+def test_fixed_batch_graph_is_padded(tmp_path):
+    bdir = make_bundle(tmp_path / "b2", SIZE, dynamic=False, batch=2)
+    folder = write_frames(tmp_path / "frames", {2}, 5, FRAME_SHAPE)
+    p, pub = build(bdir, folder_source(folder), publish_results=True)
+    assert p.engines[0].max_batch == 2
+    s = p.run()
+    assert s["frames"] == 5 and [r["decision"] for r in pub.results].count("reject") == 1
+    assert pub.rejects[0]["frame"] == 2
+
+
+class BufferedCamera(LiveSource):
+    """A live camera that has already delivered `n` frames into its buffer, then stays idle."""
+
+    def __init__(self, n):
+        super().__init__("fake://buffered", buffer=n)
+        self.n = n
+
+    def _open_capture(self):
+        from tests.fakebundle import good_frame
+
+        class Cam:
+            left = self.n
+
+            def read(cam):
+                if cam.left <= 0:
+                    time.sleep(0.01)
+                    return True, None  # the driver returns no image: counted, skipped
+                cam.left -= 1
+                return True, good_frame()
+
+            def release(cam):
+                pass
+
+        return Cam()
+
+
+def test_triggered_stop_inspects_frames_the_camera_already_buffered(bundle_dir):
+    src = BufferedCamera(6)
+    src.open()
+    deadline = time.monotonic() + 5
+    while src.stats()["frames"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p, pub = build(bundle_dir, src, delay_s=0.05, queue_size=1, publish_results=True)
+    threading.Timer(0.1, p.stop).start()  # stop while most parts wait in the camera buffer
+    s = p.run()
+    assert s["captured"] == s["frames"] == 6 and s["drained_after_stop"] > 0
+    assert [r["frame"] for r in pub.results] == list(range(6))
+
+
+def test_continuous_stop_does_not_drain_camera(bundle_dir):
+    src = BufferedCamera(6)
+    src.open()
+    deadline = time.monotonic() + 5
+    while src.stats()["frames"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p, _ = build(bundle_dir, src, delay_s=0.05, queue_size=1, mode="continuous")
+    threading.Timer(0.1, p.stop).start()
+    s = p.run()
+    assert s["drained_after_stop"] == 0 and s["frames"] < 6
+
+
+def test_stations_in_one_process_must_not_share_spool_or_ids(tmp_path, bundle_dir):
+    folder = write_frames(tmp_path / "frames", set(), 1, FRAME_SHAPE)
+    a = config.load(station_yaml(tmp_path, bundle_dir, folder, filename="a.yaml"))
+    b = config.load(station_yaml(tmp_path, bundle_dir, folder, filename="b.yaml"))
+    with pytest.raises(ConfigError, match="station"):
+        Pipeline.from_configs([a, b], publishers=[FakePublisher(), FakePublisher()])
+    b = config.load(
+        station_yaml(tmp_path, bundle_dir, folder, filename="b.yaml", station={"name": "other"})
     )
-    summary = tmp_path / "summary.json"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge", "run", str(cfg), "--summary-json", str(summary)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
+    with pytest.raises(ConfigError, match="mqtt.spool"):
+        Pipeline.from_configs([a, b], publishers=[FakePublisher(), FakePublisher()])
+
+
+# ------------------------------------------------------------------ evidence, recalibration
+def test_evidence_and_recalibration_from_config(tmp_path, bundle_dir):
+    folder = write_frames(tmp_path / "frames", {1, 3}, 8, FRAME_SHAPE)
+    cfg = config.load(
+        station_yaml(
+            tmp_path,
+            bundle_dir,
+            folder,
+            # Room for every job: this test is about what is written, not about the queue.
+            evidence={"dir": "evidence", "sample_pass_rate": 0.5, "queue_size": 16},
+            recalibration={"dir": "recal", "sample_rate": 1.0},
+            preprocess={"crop": [0, 0, 128, 96]},
+        )
     )
+    pub = FakePublisher()
+    s = Pipeline.from_config(cfg, publisher=pub).run()
+    assert s["frames"] == 8 and s["errors"] == 0
+    assert s["evidence"]["evidence_written"] == 2 + 3 and s["evidence"]["dropped"] == 0
+    for e in pub.rejects:
+        assert e["evidence"].endswith("_reject.jpg") and Path(e["evidence"]).is_file()
+        side = json.loads(Path(e["evidence"][:-4] + ".json").read_text())
+        assert side["event"]["event_id"] == e["event_id"] and side["regions_total"] == 1
+    recal = sorted((tmp_path / "recal").glob("*.png"))
+    assert [p.stem.split("_", 2)[2] for p in recal] == [
+        f"frame_{i:03d}" for i in (0, 2, 4, 5, 6, 7)
+    ]
+    info = json.loads((tmp_path / "recal" / "recalibration.json").read_text())
+    assert info["crop"] == [0, 0, 128, 96] and info["model_input"] == list(SIZE)
+
+
+# ------------------------------------------------------------------ thresholds hot reload
+def test_thresholds_hot_reload_while_running(tmp_path):
+    bdir = make_bundle(tmp_path / "b", SIZE)
+    folder = write_frames(tmp_path / "frames", {0, 1, 2, 3}, 4, FRAME_SHAPE)  # all defective
+    cfg = config.load(
+        station_yaml(
+            tmp_path,
+            bdir,
+            folder,
+            source={"loop": True, "rate": 100.0},
+            thresholds={"check_interval_s": 0.02},
+            mqtt={"publish_results": True},
+        )
+    )
+    pub = FakePublisher()
+    p = Pipeline.from_config(cfg, publisher=pub)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(p.run()))
+    t.start()
+
+    def wait_results(n):
+        deadline = time.monotonic() + 10
+        while len(pub.results) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     try:
-        # Wait until it is connected and running, then ask it to stop.
-        deadline = time.monotonic() + 30
-        for line in proc.stderr:
-            if "connected to MQTT broker" in line or time.monotonic() > deadline:
-                break
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        _, rest = proc.communicate(timeout=20)
+        wait_results(5)
+        th = tmp_path / "b" / "thresholds.yaml"
+        n_before = len(pub.results)  # all decided with the old thresholds
+        th.write_text(yaml.safe_dump({"image_threshold": 5.0, "pixel_threshold": 5.0}))
+        wait_results(n_before + 20)
+        th.write_text("image_threshold: [oops\n")  # refused: the 5.0 stay
+        n_bad = len(pub.results)
+        wait_results(n_bad + 20)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, rest
-    s = json.loads(summary.read_text())
-    assert s["frames"] == s["captured"] > 0 and s["drops"] == 0
+        p.stop()
+        t.join(10)
+    res = pub.results
+    assert all(r["decision"] == "reject" and r["image_threshold"] == 0.5 for r in res[:n_before])
+    switched = next(i for i, r in enumerate(res) if r["image_threshold"] == 5.0)
+    assert switched >= n_before
+    assert all(r["image_threshold"] == 5.0 for r in res[switched:])  # kept after the bad file
+    assert all(r["decision"] == "pass" for r in res[switched:])  # nothing is above 5.0
+    assert len(res) > n_bad + 10
+    assert out["thresholds"]["reloads"] == 1 and out["thresholds"]["refused"] == 1
+    assert pub.metrics[-1]["thresholds"]["image_threshold"] == 5.0
+
+
+def test_memory_stays_flat_in_a_long_replay(tmp_path, bundle_dir):
+    """Bounded queues, windows and evidence quota: RSS after warm-up does not grow with frames."""
+    from edge.bench import rss_mb
+
+    folder = write_frames(tmp_path / "frames", {3, 7}, 10, (240, 320))
+    cfg = config.load(
+        station_yaml(
+            tmp_path,
+            bundle_dir,
+            folder,
+            source={"loop": True},
+            evidence={"dir": "ev", "quota_mb": 0.5, "sample_pass_rate": 0.2},
+            metrics={"interval_s": 0.2, "window": 256},
+            mqtt={"publish_results": True},
+        )
+    )
+    pub = FakePublisher()
+    pub.results = deque(maxlen=10)  # the test's recorder must not be what grows
+    pub.rejects = deque(maxlen=10)
+    pub.metrics = deque(maxlen=10)
+    p = Pipeline.from_config(cfg, publisher=pub, max_frames=4000)
+    samples = []
+
+    def sample():
+        while t.is_alive():
+            samples.append((p.station.frames, rss_mb()))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=p.run)
+    t.start()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    t.join(300)
+    sampler.join()
+    s = p.summary()
+    assert s["frames"] == 4000
+    warm = [m for n, m in samples if n >= 800]
+    assert len(warm) >= 3
+    growth = max(warm) - warm[0]
+    print(f"\nRSS after 800 frames {warm[0]:.1f} MB, max {max(warm):.1f} MB over 4000 frames")
+    assert growth < 10.0, f"RSS grew {growth:.1f} MB between frame 800 and 4000"
+    ev = sum(f.stat().st_size for f in (tmp_path / "ev").iterdir())
+    assert ev <= 0.5 * 2**20 and s["evidence"]["evidence_deleted"] > 0

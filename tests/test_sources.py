@@ -257,3 +257,136 @@ def test_live_source_unopenable_names_uri():
 
     with pytest.raises(SourceError, match="fake://dead"):
         Dead("fake://dead").open()
+
+
+# ------------------------------------------------------------------ camera misbehaviour
+class ScriptedCamera:
+    """cv2.VideoCapture stand-in playing a script: "f" frame, "e" empty frame, "x" read fails."""
+
+    def __init__(self, script: str, delay_s: float = 0.0):
+        self.script = list(script)
+        self.delay_s = delay_s
+
+    def read(self):
+        time.sleep(self.delay_s)
+        if not self.script:
+            return False, None
+        step = self.script.pop(0)
+        if step == "x":
+            return False, None
+        if step == "e":
+            return True, np.zeros((0, 0, 3), np.uint8)
+        return True, np.full((8, 8, 3), 7, np.uint8)
+
+    def release(self):
+        pass
+
+
+class ScriptedLive(LiveSource):
+    """Each open returns the next camera of `cameras` (None = open fails)."""
+
+    def __init__(self, cameras, **kw):
+        kw.setdefault("reconnect_min_s", 0.01)
+        kw.setdefault("reconnect_max_s", 0.02)
+        super().__init__("fake://scripted", **kw)
+        self.cameras = list(cameras)
+
+    def _open_capture(self):
+        return self.cameras.pop(0) if self.cameras else None
+
+
+def read_n(src, n, timeout=5.0):
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        f = src.read(timeout=0.1)
+        if f is not None:
+            got.append(f)
+    return got
+
+
+def test_live_empty_frames_are_counted_and_skipped():
+    src = ScriptedLive([ScriptedCamera("fefef")], buffer=16)
+    src.open()
+    frames = read_n(src, 3)
+    src.close()
+    assert [f.seq for f in frames] == [0, 1, 2]
+    assert all(f.image.size for f in frames)
+    assert src.stats()["corrupt"] == 2
+
+
+def test_live_camera_missing_at_start_is_waited_for():
+    # Two failed opens (the camera is not there yet), then it comes up with 3 frames.
+    camera = ScriptedCamera("f" * 200, delay_s=0.005)  # keeps delivering while we look
+    src = ScriptedLive([None, None, camera], retry_open=True, buffer=16)
+    src.open()  # no SourceError: retries in the background
+    frames = read_n(src, 3)
+    st = src.stats()
+    src.close()
+    assert [f.seq for f in frames] == [0, 1, 2]
+    assert st["reconnect_attempts"] == 2 and st["reconnects"] == 1
+    assert "cannot open" in st["last_error"]
+
+
+def test_live_camera_missing_without_retry_raises():
+    with pytest.raises(SourceError, match="fake://scripted"):
+        ScriptedLive([None]).open()
+
+
+def test_stop_capture_keeps_buffered_frames():
+    src = ScriptedLive([ScriptedCamera("ffff")], buffer=8)
+    src.open()
+    deadline = time.monotonic() + 5
+    while src.stats()["frames"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    src.stop_capture()
+    got = []
+    while (f := src.read(0)) is not None:  # timeout 0: never blocks
+        got.append(f.seq)
+    assert got == [0, 1, 2, 3]
+
+
+def test_rtsp_closed_port(tmp_path):
+    """A real FFmpeg open against a port nobody listens on: refused now, or retried."""
+    from tests.broker import free_port
+
+    uri = f"rtsp://127.0.0.1:{free_port()}/cam"
+    with pytest.raises(SourceError, match=uri):
+        create_source(uri).open()
+    src = create_source(uri, retry_open=True, reconnect_min_s=0.05, reconnect_max_s=0.1)
+    src.open()
+    t = time.monotonic()
+    assert src.read(timeout=0.6) is None  # a timeout, not an exception
+    assert time.monotonic() - t < 5
+    deadline = time.monotonic() + 5
+    while src.stats()["reconnect_attempts"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    src.close()
+    st = src.stats()
+    assert st["connected"] is False and st["reconnect_attempts"] >= 2 and st["reconnects"] == 0
+
+
+def test_truncated_video_is_reported(tmp_path):
+    path = make_video(tmp_path / "clip.avi", n=20)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) * 3 // 5])
+    src = create_source(str(cut))
+    src.open()
+    frames = drain(src)
+    st = src.stats()
+    assert st["truncated"] == 1 and st["frames"] == len(frames) < 20
+    full = create_source(str(path))
+    full.open()
+    drain(full)
+    assert full.stats()["truncated"] == 0
+
+
+def test_source_options_from_config():
+    from edge.config import SourceConfig
+    from edge.sources import source_options
+
+    live = source_options(SourceConfig(uri="rtsp://cam/x", reconnect_max_s=3.0, buffer=2))
+    assert live["retry_open"] is True and live["reconnect_max_s"] == 3.0 and live["buffer"] == 2
+    assert source_options(SourceConfig(uri="rtsp://cam/x"), retry_open=False)["retry_open"] is False
+    files = source_options(SourceConfig(uri="/data/frames", loop=True, rate=5.0))
+    assert files == {"loop": True, "rate": 5.0, "width": 0, "height": 0}

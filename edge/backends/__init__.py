@@ -11,6 +11,7 @@ TensorRT (or a workstation without pycuda) never imports what it cannot load.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from typing import Any
 
@@ -49,14 +50,30 @@ def backend_class(name: str) -> type:
         ) from exc
 
 
+def _accepted(cls: type, opts: dict[str, Any]) -> dict[str, Any]:
+    """The options `cls` takes. Tuning options are per backend (ONNX Runtime's thread count
+    means nothing to TensorRT), so a station's settings never stop another backend loading."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return opts
+    skipped = sorted(set(opts) - set(params))
+    if skipped:
+        log.debug("%s ignores options %s", cls.__name__, skipped)
+    return {k: v for k, v in opts.items() if k in params}
+
+
 def load_backend(name: str, bundle: Any, precision: str = "fp32", **opts: Any) -> Backend:
-    """Load `bundle`'s graph for `precision` on backend `name` ("auto" = first that loads)."""
+    """Load `bundle`'s graph for `precision` on backend `name` ("auto" = first that loads).
+
+    opts: backend options (e.g. intra_op_threads, spin); each backend gets those it takes."""
     if name != "auto":
-        return backend_class(name)(bundle, precision, **opts)
+        cls = backend_class(name)
+        return cls(bundle, precision, **_accepted(cls, opts))
     reasons = []
     for candidate in AUTO_ORDER:
         try:
-            backend = backend_class(candidate)(bundle, precision, **opts)
+            cls = backend_class(candidate)
+            backend = cls(bundle, precision, **_accepted(cls, opts))
         except BackendError as exc:
             log.debug("auto: %s unavailable: %s", candidate, exc)
             reasons.append(f"{candidate}: {exc}")
