@@ -37,7 +37,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # project's `torch>=2.1` range is then already satisfied.
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     echo "== installing CPU PyTorch"
-    $PIP install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+    $PIP install -q torch==2.13.0 numpy 2>&1 | grep -v "^WARNING: Location" || true
     "$VENV/bin/python" -c "import torch" # fail loudly if that did not work
   fi
   echo "== installing lineinspect[train,dev]"

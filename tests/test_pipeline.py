@@ -378,9 +378,7 @@ def test_run_without_broker_at_start_inspects_and_spools(tmp_path, capsys, bundl
 
     port = free_port()  # nothing listens there
     frames = write_frames(tmp_path / "f", {1, 3}, 4, FRAME_SHAPE)
-    cfg = station_yaml(
-        tmp_path, bundle_dir, frames, port, mqtt={"require_broker_at_start": False}
-    )
+    cfg = station_yaml(tmp_path, bundle_dir, frames, port, mqtt={"require_broker_at_start": False})
     code, err = run_cli(capsys, "run", str(cfg))
     assert code == 0, err
     with Spool(tmp_path / "spool.db") as spool:

@@ -185,7 +185,11 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         model = build_model(cfg.model, **model_args).to(device)
     except ValueError as exc:
         raise ConfigError(f"config: {exc}") from exc
-    params = [p for p in model.parameters() if p.requires_grad]
+    # A model may split its parameters into groups (MTKD: importance logits at their own lr).
+    if hasattr(model, "param_groups"):
+        params = model.param_groups(cfg.lr)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     resolved = typedconfig.to_dict(cfg)
     typedconfig.dump(cfg, out / "config.yaml")

@@ -1,6 +1,7 @@
 """Model registry. Every model: keyword-only constructor args stored in `self.args`,
 `training_loss(x) -> scalar`, eval `forward(x) -> (anomaly_map (B,1,H,W), score (B,))`,
-x float32 (B,3,H,W) RGB 0..255.
+x float32 (B,3,H,W) RGB 0..255. Optional `param_groups(lr) -> list[dict]`: the optimiser's
+parameter groups (train.fit uses them instead of one group of every trainable parameter).
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ import inspect
 
 from torch import nn
 
+from train.models.dskd import DSKD
+from train.models.mtkd import MTKD
 from train.models.stpm import STPM
 
-MODELS: dict[str, type[nn.Module]] = {"stpm": STPM}
+MODELS: dict[str, type[nn.Module]] = {"stpm": STPM, "dskd": DSKD, "mtkd": MTKD}
 
 
 def build_model(kind: str, **args) -> nn.Module:

@@ -138,3 +138,71 @@ def check_image_size(image_size: int, stride: int) -> int:
     if not isinstance(image_size, int) or image_size <= 0 or image_size % stride:
         raise ValueError(f"image_size must be a positive multiple of {stride}, got {image_size!r}")
     return image_size
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Unit-length channel vectors (B,C,h,w) -> (B,C,h,w), with cosine_distance's 1/8 scaling
+    first for FP16 headroom (an L2-normalised vector does not depend on it)."""
+    x = x * 0.125
+    return x * torch.rsqrt(x.pow(2).sum(1, keepdim=True) + eps)
+
+
+COMBINE = ("mean", "max", "product")
+
+
+def combine(maps: list[torch.Tensor], how: str) -> torch.Tensor:
+    """Element-wise combination of same-shape non-negative maps [(B,1,H,W)] -> (B,1,H,W).
+
+    mean: arithmetic mean. max: element-wise maximum. product: the n-th root of the product
+    (geometric mean): the same ordering of pixels as the plain product (STPM's scale fusion),
+    but in the range of one map, so small distances (~1e-2 per scale) do not underflow FP16
+    when multiplied. Maps are clamped at 0 first (1 - cos can be -1e-7 from rounding).
+    """
+    if how not in COMBINE:
+        raise ValueError(f"combine: unknown {how!r} (valid: {', '.join(COMBINE)})")
+    if len(maps) == 1:
+        return maps[0]
+    if how == "mean":
+        out = maps[0]
+        for m in maps[1:]:
+            out = out + m
+        return out * (1.0 / len(maps))
+    if how == "max":
+        out = maps[0]
+        for m in maps[1:]:
+            out = torch.maximum(out, m)
+        return out
+    out = maps[0].clamp_min(0.0)
+    for m in maps[1:]:
+        out = out * m.clamp_min(0.0)
+    return out.pow(1.0 / len(maps))
+
+
+class RunningScale(nn.Module):
+    """Per-term running mean of a non-negative map on the training data (like BN statistics).
+
+    Terms of an anomaly map (scales, students, deviation vs reconstruction) live on different
+    scales on normal data; dividing each by its typical normal value before combining them
+    keeps one term from drowning the others. Updated in train mode only, by an exponential
+    moving average of each batch's mean; a constant Mul in the exported graph.
+    """
+
+    def __init__(self, n: int, momentum: float = 0.1):
+        super().__init__()
+        self.momentum = float(momentum)
+        self.register_buffer("mean", torch.ones(n))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, terms: list[torch.Tensor]) -> None:
+        """Args: terms [(B,1,h_i,w_i)], one per tracked term (only in train mode)."""
+        batch = torch.stack([t.detach().float().mean() for t in terms]).clamp_min(1e-8)
+        if int(self.seen) == 0:
+            self.mean.copy_(batch)  # first batch: no average over the ones of the init
+        else:
+            self.mean.lerp_(batch, self.momentum)
+        self.seen += 1
+
+    def forward(self, terms: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Divide term i by its running mean. Returns the scaled list."""
+        return [t * (1.0 / self.mean[i]) for i, t in enumerate(terms)]
