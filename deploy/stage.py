@@ -175,6 +175,10 @@ def stage(
         tls = mqtt.get("tls") or {}
         if tls.get(key):
             tls[key] = st.ship(tls[key], f"mqtt.tls.{key}")
+    # A service must not exit (and be restarted in a loop) when its broker is down or refuses
+    # it after a reboot: it inspects and spools until the broker takes it. An explicit setting in
+    # the config wins. (The deploy's own health check still needs the broker.)
+    mqtt.setdefault("require_broker_at_start", False)
     data = f"{prefix.rstrip('/')}/data"  # the station's own state, kept across releases
     spool = mqtt.get("spool") or "spool.sqlite"
     if not Path(spool).expanduser().is_absolute():
