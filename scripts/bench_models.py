@@ -1,0 +1,308 @@
+"""Benchmark the anomaly models: train, export, evaluate every (variant, category) cell.
+
+    python scripts/bench_models.py --data synth                     # stpm, dskd, mtkd defaults
+    python scripts/bench_models.py --data synth --ablation dskd --report docs/models_ablation
+
+Each cell is `train.fit` (configs/train_<model>.yaml + overrides) -> `engines.export.export`
+(ONNX + parity) -> `calibration.evaluate.evaluate` (ONNX Runtime, FP32), plus an ONNX Runtime CPU
+latency run, parameter count and FLOPs (torch.utils.flop_counter, batch 1). Results go to
+<out>/<variant>/<category>/result.json; a cell with a result is skipped, an interrupted training
+resumes from its last.pt, so the script can be stopped and re-run, or run one model/category at
+a time, and the table is rebuilt from every result present. The report (<report>.md and .json)
+records the conditions (image size, epochs, threads, CPU, load average) next to the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> (model kind, model_args overrides). The DSKD ablation of the paper's modules.
+ABLATIONS = {
+    "dskd": {
+        "stpm": ("stpm", {}),
+        "dskd": ("dskd", {}),
+        "dskd-se-only": ("dskd", {"students": "se"}),
+        "dskd-sd-only": ("dskd", {"students": "sd"}),
+        "dskd-no-embedding": ("dskd", {"embedding": False}),
+        "dskd-no-interaction": ("dskd", {"interaction": False}),
+        "dskd-coarsest-scale": ("dskd", {"match_scales": [2]}),
+        "dskd-scales-product": ("dskd", {"combine_scales": "product"}),
+        "dskd-students-max": ("dskd", {"combine_students": "max"}),
+        "dskd-raw-maps": ("dskd", {"normalize_maps": False}),
+    },
+    "mtkd": {
+        "stpm": ("stpm", {}),
+        "mtkd": ("mtkd", {}),
+        "mtkd-uniform": ("mtkd", {"weights": "uniform"}),
+        "mtkd-no-recon": ("mtkd", {"reconstruction": False}),
+        "mtkd-uniform-no-recon": ("mtkd", {"weights": "uniform", "reconstruction": False}),
+    },
+}
+METRICS = ("image_auroc", "pixel_auroc", "pro")
+
+
+def _parse_variant(text: str) -> tuple[str, str, dict]:
+    """'name:kind:key=val,key=val' (values parsed as YAML) -> (name, kind, overrides)."""
+    import yaml
+
+    parts = text.split(":", 2)
+    if len(parts) < 2:
+        raise ValueError(f"--variant {text!r}: expected name:kind[:key=value,...]")
+    args = {}
+    if len(parts) == 3 and parts[2]:
+        for item in parts[2].split(","):
+            key, _, val = item.partition("=")
+            args[key.strip()] = yaml.safe_load(val)
+    return parts[0], parts[1], args
+
+
+def count_flops(model, size: int) -> int:
+    """FLOPs (2 x multiply-accumulates) of one eval forward at batch 1."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    return int(fc.get_total_flops())
+
+
+def onnx_latency_ms(onnx_path: Path, image: Path, size: int, threads: int, runs: int) -> dict:
+    """ONNX Runtime CPU latency of model.onnx on one real image over `runs`: the minimum (the
+    cost with the CPU to itself; on a shared machine the median also measures the neighbours),
+    the median and the 90th percentile."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edge.preprocess import load_batch
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    x = load_batch([image], (size, size))
+    x = np.repeat(x, inp.shape[0], axis=0)
+    for _ in range(3):
+        sess.run(None, {inp.name: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {inp.name: x})
+        times.append((time.perf_counter() - t0) * 1000.0 / len(x))
+    times.sort()
+    return {
+        "min": times[0],
+        "median": statistics.median(times),
+        "p90": times[int(0.9 * (len(times) - 1))],
+    }
+
+
+def run_cell(
+    name: str, kind: str, model_args: dict, data: Path, out: Path, a: argparse.Namespace
+) -> dict:
+    """Train, export, evaluate one (variant, category); returns the result dict."""
+    import torch
+
+    from calibration.evaluate import evaluate
+    from engines.export import export
+    from train.checkpoint import load_checkpoint
+    from train.fit import fit, load_config
+
+    run, bundle = out / "run", out / "bundle"
+    cfg_file = ROOT / "configs" / f"train_{kind}.yaml"
+    overrides = {
+        "model": kind,
+        "data": str(data),
+        "out": str(run),
+        "image_size": a.image_size,
+        "epochs": a.epochs,
+        "seed": a.seed,
+        "threads": a.threads,
+        "device": a.device,
+    }
+    cfg = load_config(cfg_file if cfg_file.is_file() else None, overrides)
+    cfg.model_args = {**cfg.model_args, **model_args}
+    ckpt = run / "checkpoint.pt"
+    if not ckpt.is_file():
+        fit(cfg, resume=(run / "last.pt").is_file(), progress=a.progress)
+    model, meta = load_checkpoint(ckpt)
+    prov = meta["provenance"]
+    export(run, bundle)
+    ev = evaluate(bundle, data, precision="fp32", backend="onnxruntime", progress=a.progress)
+    summary = ev.summary if hasattr(ev, "summary") else ev  # Evaluation or plain dict
+    size = int(meta["args"]["image_size"])
+    test_image = sorted((data / "test" / "good").glob("*.png"))[0]
+    lat = onnx_latency_ms(bundle / "model.onnx", test_image, size, a.threads, a.latency_runs)
+    return {
+        "variant": name,
+        "model": kind,
+        "category": data.name,
+        "model_args": meta["args"],
+        "image_auroc": summary["image_auroc"],
+        "pixel_auroc": summary["pixel_auroc"],
+        "pro": summary.get("pro", summary.get("au_pro")),
+        "images": summary["images"],
+        "eval_seconds_per_image": summary["seconds_per_image"],
+        "train_minutes": prov.get("train_seconds", float("nan")) / 60.0,
+        "epochs_run": prov.get("epochs_run"),
+        "stopped_early": prov.get("stopped_early"),
+        "train_images": prov.get("images"),
+        "ms_per_image": lat["median"],
+        "ms_per_image_min": lat["min"],
+        "ms_per_image_p90": lat["p90"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(
+            p.numel() for n, p in model.named_parameters() if not n.startswith("teacher")
+        ),
+        "gflops": count_flops(model, size) / 1e9,
+        "conditions": {
+            "image_size": size,
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "threads": a.threads or torch.get_num_threads(),
+            "device": cfg.device,
+            "cpu_count": os.cpu_count(),
+            "loadavg_end": os.getloadavg()[0],
+            "host": platform.node(),
+            "torch": str(torch.__version__),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    }
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def write_report(results: list[dict], order: list[str], report: Path, command: str) -> None:
+    """Markdown + JSON table: per category rows and the mean per variant."""
+    by_variant: dict[str, list[dict]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(r)
+    names = [n for n in order if n in by_variant] + sorted(set(by_variant) - set(order))
+    means = {}
+    for n in names:
+        rows = by_variant[n]
+        means[n] = {
+            k: statistics.fmean(r[k] for r in rows if r[k] is not None)
+            for k in (*METRICS, "train_minutes", "ms_per_image", "ms_per_image_min")
+            if all(k in r for r in rows)
+        }
+        means[n].update(categories=len(rows), params=rows[0]["params"], gflops=rows[0]["gflops"])
+    head = (
+        "| variant | category | image AUROC | pixel AUROC | PRO | train min | ms/img (ORT CPU) "
+        "| params (M) | trainable (M) | GFLOPs | conditions |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for n in names:
+        for r in sorted(by_variant[n], key=lambda r: r["category"]):
+            c = r["conditions"]
+            cond = f"{c['image_size']} px, {r['epochs_run']}/{c['epochs']} ep, {c['threads']} thr"
+            lines.append(
+                f"| {n} | {r['category']} | {_fmt(r['image_auroc'])} | {_fmt(r['pixel_auroc'])} "
+                f"| {_fmt(r['pro'])} | {_fmt(r['train_minutes'], 1)} "
+                f"| {_fmt(r['ms_per_image'], 1)} ({_fmt(r.get('ms_per_image_min'), 1)}) "
+                f"| {r['params'] / 1e6:.2f} | {r['trainable_params'] / 1e6:.2f} "
+                f"| {r['gflops']:.2f} | {cond} |"
+            )
+        m = means[n]
+        lines.append(
+            f"| **{n}** | **mean of {m['categories']}** | **{_fmt(m['image_auroc'])}** "
+            f"| **{_fmt(m['pixel_auroc'])}** | **{_fmt(m['pro'])}** "
+            f"| {_fmt(m['train_minutes'], 1)} | {_fmt(m['ms_per_image'], 1)} "
+            f"({_fmt(m.get('ms_per_image_min'), 1)}) "
+            f"| {m['params'] / 1e6:.2f} | | {m['gflops']:.2f} | |"
+        )
+    md = f"Command: `{command}`\n\n" + head + "\n".join(lines) + "\n"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.with_suffix(".md").write_text(md)
+    report.with_suffix(".json").write_text(
+        json.dumps({"command": command, "means": means, "cells": results}, indent=1)
+    )
+    print(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True, help="synthetic set (python -m train synth OUT)")
+    p.add_argument("--out", default="runs/bench", help="cells: <out>/<variant>/<category>/")
+    p.add_argument("--models", default="stpm,dskd,mtkd", help="model kinds with their defaults")
+    p.add_argument("--ablation", choices=sorted(ABLATIONS), help="run an ablation set instead")
+    p.add_argument("--variant", action="append", default=[], help="name:kind[:key=val,...]")
+    p.add_argument("--only", help="comma-separated variant names to run (others: table only)")
+    p.add_argument("--categories", help="comma-separated (default: every category in --data)")
+    p.add_argument("--image-size", type=int, help="default: the config's (256)")
+    p.add_argument("--epochs", type=int, help="default: the config's")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime CPU threads")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--latency-runs", type=int, default=20)
+    p.add_argument("--report", default="docs/models_benchmark", help="writes .md and .json")
+    p.add_argument("--no-run", action="store_true", help="only rebuild the report")
+    p.add_argument("--progress", action="store_true", help="tqdm bars")
+    a = p.parse_args(argv)
+
+    from edge.errors import LineInspectError
+
+    data, out = Path(a.data), Path(a.out)
+    if a.ablation:
+        variants = ABLATIONS[a.ablation]
+    else:
+        variants = {k.strip(): (k.strip(), {}) for k in a.models.split(",") if k.strip()}
+    for text in a.variant:
+        name, kind, args = _parse_variant(text)
+        variants[name] = (kind, args)
+    cats = (
+        [c.strip() for c in a.categories.split(",")]
+        if a.categories
+        else sorted(d.name for d in data.iterdir() if (d / "test").is_dir())
+    )
+    only = set(a.only.split(",")) if a.only else set(variants)
+    for name, (kind, args) in variants.items():
+        for cat in cats:
+            cell = out / name / cat
+            res = cell / "result.json"
+            if a.no_run or name not in only or res.is_file():
+                continue
+            cell.mkdir(parents=True, exist_ok=True)
+            print(f"== {name} / {cat}", flush=True)
+            try:
+                r = run_cell(name, kind, args, data / cat, cell, a)
+            except (LineInspectError, ValueError) as exc:
+                print(f"error: {name}/{cat}: {exc}", file=sys.stderr)
+                return 2
+            res.write_text(json.dumps(r, indent=1))
+            print(
+                f"   image AUROC {r['image_auroc']:.3f} pixel AUROC {r['pixel_auroc']:.3f} "
+                f"PRO {_fmt(r['pro'])} train {r['train_minutes']:.1f} min",
+                flush=True,
+            )
+    results = []
+    for name in variants:
+        for cat in cats:
+            res = out / name / cat / "result.json"
+            if res.is_file():
+                results.append(json.loads(res.read_text()))
+    command = "python scripts/bench_models.py " + " ".join(argv or sys.argv[1:])
+    write_report(results, list(variants), Path(a.report), command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""DSKD torch module: one frozen teacher, two students of inverted structure.
+
+    image -> Normalize -> teacher T (frozen)           -> T_1 ... T_n      (fine -> coarse)
+                       -> Se (T's architecture, random) -> Se_1 ... Se_n   matched to T_i
+                            Se_1..Se_n -> embedding module -> e (coarsest scale, compact)
+                            e -> Sd (decoder: coarse -> fine) -> Sd_n ... Sd_1  matched to T_i
+
+Se sees the image the way the teacher does; Sd sees only the compact embedding of what Se saw
+and has to re-grow every scale from it, like the decoder of reverse distillation. On a defect the
+two fail differently (Se imitates the teacher where the defect is, Sd cannot rebuild an unseen
+pattern from the bottleneck), which is the "diversity for anomaly representation" the paper
+asks of two inverted students. Sd's loss reaches Se through the embedding module: the students'
+interaction (switch it off with interaction=False).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from train.backbones import BACKBONES, build_backbone
+from train.models.common import (
+    COMBINE,
+    GaussianBlur,
+    Normalize,
+    RunningScale,
+    check_image_size,
+    cosine_distance,
+)
+from train.models.dskd.anomaly_map import dskd_anomaly_map
+from train.models.dskd.loss import dskd_loss
+
+STUDENTS = ("both", "se", "sd")
+
+
+def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    """Conv (no bias) + BN + ReLU: fuses into one conv in TensorRT, INT8-friendly."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _log2_ratio(coarse: int, fine: int) -> int:
+    ratio = coarse // fine
+    if ratio * fine != coarse or ratio & (ratio - 1):
+        raise ValueError(f"dskd: stride ratio {coarse}/{fine} is not a power of two")
+    return ratio.bit_length() - 1
+
+
+class EmbeddingModule(nn.Module):
+    """Deep feature embedding: Se's multi-scale features -> one compact map at the coarsest scale.
+
+    Each scale is brought to the coarsest grid by stride-2 3x3 convs (one per halving, so fine
+    scales pass through as many learned layers as they have resolution to lose), the branches
+    are concatenated, squeezed by a 1x1 bottleneck and mixed by a 3x3 conv.
+
+    Args:
+        channels, strides: Se's feature maps (fine -> coarse).
+        out_channels: channels of the embedding.
+        fuse: False = the ablation without the module: only the coarsest Se map, one 1x1 conv.
+    """
+
+    def __init__(self, channels: list[int], strides: list[int], out_channels: int, fuse: bool):
+        super().__init__()
+        self.fuse = fuse
+        if not fuse:
+            self.proj = conv_bn_relu(channels[-1], out_channels, k=1)
+            return
+        branch = max(out_channels // 2, 8)
+        self.branches = nn.ModuleList()
+        for c, s in zip(channels, strides, strict=True):
+            steps = _log2_ratio(max(strides), s)
+            layers = [conv_bn_relu(c if i == 0 else branch, branch, 3, 2) for i in range(steps)]
+            self.branches.append(nn.Sequential(*layers) if layers else conv_bn_relu(c, branch, 1))
+        self.bottleneck = conv_bn_relu(branch * len(channels), out_channels, k=1)
+        self.mix = conv_bn_relu(out_channels, out_channels, k=3)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Args: feats [(B,C_i,H/s_i,W/s_i)]. Returns: (B,out_channels,H/s_max,W/s_max)."""
+        if not self.fuse:
+            return self.proj(feats[-1])
+        x = torch.cat([b(f) for b, f in zip(self.branches, feats, strict=True)], dim=1)
+        return self.mix(self.bottleneck(x))
+
+
+class DecoderStudent(nn.Module):
+    """Sd: inverted, decoder-like student. Embedding (coarsest scale) -> features at every
+    teacher scale, coarse to fine: per scale, an upsampling ConvTranspose (when the stride
+    changes), `depth` 3x3 conv blocks and a linear 1x1 head to the teacher's channels (teacher
+    stage outputs are linear projections, signed, so the head has no activation).
+
+    Args:
+        in_channels: embedding channels.
+        channels, strides: the teacher's maps (fine -> coarse) Sd must produce.
+        width: hidden width per scale = round(width * teacher channels).
+        depth: 3x3 conv blocks per scale.
+    """
+
+    def __init__(
+        self, in_channels: int, channels: list[int], strides: list[int], width: float, depth: int
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        self.heads = nn.ModuleList()
+        cin, prev = in_channels, max(strides)
+        for c, s in zip(reversed(channels), reversed(strides), strict=True):
+            w = max(8, int(round(width * c)))
+            steps = _log2_ratio(prev, s)
+            if steps:
+                f = 2**steps
+                layers = [
+                    nn.ConvTranspose2d(cin, w, f, stride=f, bias=False),
+                    nn.BatchNorm2d(w),
+                    nn.ReLU(inplace=True),
+                ]
+            else:
+                layers = [conv_bn_relu(cin, w, k=1)]
+            layers += [conv_bn_relu(w, w, 3) for _ in range(depth)]
+            self.blocks.append(nn.Sequential(*layers))
+            self.heads.append(nn.Conv2d(w, c, 1))
+            cin, prev = w, s
+
+    def forward(self, e: torch.Tensor) -> list[torch.Tensor]:
+        """Args: e (B,C_e,H/s_max,W/s_max). Returns: [(B,C_i,H/s_i,W/s_i)] fine -> coarse."""
+        out = []
+        x = e
+        for block, head in zip(self.blocks, self.heads, strict=True):
+            x = block(x)
+            out.append(head(x))
+        return out[::-1]
+
+
+class DSKD(nn.Module):
+    """Dual-student knowledge distillation.
+
+    Input everywhere: float32 (B,3,S,S) RGB raw pixels 0..255; normalisation is in the graph.
+    Eval forward: (anomaly_map (B,1,S,S), score (B,)).
+
+    Args (keyword only, JSON/YAML-serialisable, stored in self.args):
+        backbone: teacher (and Se) architecture, a key of train.backbones.BACKBONES.
+        image_size: S.
+        stages: backbone stages used (None = backbone default, (1, 2, 4) for EfficientNet-Lite).
+        students: "both" (DSKD), "se" (Se alone: the vanilla S-T network), "sd" (Sd alone; Se
+            is then only the encoder feeding the embedding, neither matched nor in the map).
+        embedding: use the deep feature embedding module; False = Sd fed from Se's coarsest map
+            through a 1x1 conv (the ablation without the module).
+        interaction: let Sd's loss train Se through the embedding; False = Se's features are
+            detached at the embedding input (each student learns on its own).
+        match_scales: indices into `stages` at which the students are matched and mapped
+            (None = every scale: the pyramid matching).
+        combine_scales: how a student's per-scale maps are combined: mean | max | product.
+        combine_students: how the two students' maps are combined: mean | max | product.
+        normalize_maps: divide each (student, scale) map by its running mean on the training
+            data before combining, so neither student nor scale dominates by its range alone.
+        embed_channels: channels of the embedding.
+        decoder_width: Sd's hidden width per scale, as a multiple of the teacher's channels.
+        decoder_depth: 3x3 conv blocks per Sd scale.
+        sigma: Gaussian smoothing of the anomaly map in pixels (0 = none).
+        teacher_weights: local state-dict file for the teacher (None = the registry's).
+        pretrained: load the teacher's pretrained weights (False when loading a checkpoint).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "efficientnet_lite0",
+        image_size: int = 256,
+        stages: list[int] | None = None,
+        students: str = "both",
+        embedding: bool = True,
+        interaction: bool = True,
+        match_scales: list[int] | None = None,
+        combine_scales: str = "mean",
+        combine_students: str = "mean",
+        normalize_maps: bool = True,
+        embed_channels: int = 128,
+        decoder_width: float = 1.0,
+        decoder_depth: int = 1,
+        sigma: float = 4.0,
+        teacher_weights: str | None = None,
+        pretrained: bool = True,
+    ):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r} (valid: {', '.join(BACKBONES)})")
+        if students not in STUDENTS:
+            raise ValueError(
+                f"dskd: students must be one of {', '.join(STUDENTS)}, got {students!r}"
+            )
+        for key, val in (
+            ("combine_scales", combine_scales),
+            ("combine_students", combine_students),
+        ):
+            if val not in COMBINE:
+                raise ValueError(f"dskd: {key} must be one of {', '.join(COMBINE)}, got {val!r}")
+        if embed_channels < 8 or decoder_width <= 0 or decoder_depth < 0:
+            raise ValueError("dskd: embed_channels >= 8, decoder_width > 0, decoder_depth >= 0")
+        stages = list(BACKBONES[backbone].default_stages if stages is None else stages)
+        match = list(range(len(stages)) if match_scales is None else match_scales)
+        if not match or sorted(set(match)) != match or not 0 <= match[0] <= match[-1] < len(stages):
+            raise ValueError(
+                f"dskd: match_scales must be increasing indices into stages "
+                f"(0..{len(stages) - 1}), got {match_scales!r}"
+            )
+        self.args = dict(
+            backbone=backbone,
+            image_size=image_size,
+            stages=stages,
+            students=students,
+            embedding=bool(embedding),
+            interaction=bool(interaction),
+            match_scales=match,
+            combine_scales=combine_scales,
+            combine_students=combine_students,
+            normalize_maps=bool(normalize_maps),
+            embed_channels=int(embed_channels),
+            decoder_width=float(decoder_width),
+            decoder_depth=int(decoder_depth),
+            sigma=float(sigma),
+            teacher_weights=teacher_weights,
+        )
+        self.teacher = build_backbone(
+            backbone, image_size, stages, weights=teacher_weights, pretrained=pretrained
+        ).freeze()
+        check_image_size(image_size, max(self.teacher.strides))
+        ch, st = self.teacher.channels, self.teacher.strides
+        self.se = build_backbone(backbone, image_size, stages, pretrained=False)
+        self.active = ["se", "sd"] if students == "both" else [students]
+        self.embed: EmbeddingModule | None = None
+        self.sd: DecoderStudent | None = None
+        if "sd" in self.active:
+            self.embed = EmbeddingModule(ch, st, embed_channels, fuse=embedding)
+            self.sd = DecoderStudent(embed_channels, ch, st, decoder_width, decoder_depth)
+        self.match = match
+        self.match_strides = [st[i] for i in match]
+        self.interaction = interaction
+        self.normalize_maps = normalize_maps
+        self.combine_scales, self.combine_students = combine_scales, combine_students
+        self.scale = RunningScale(len(self.active) * len(match))
+        self.size = (image_size, image_size)
+        self.normalize = Normalize(self.teacher.mean, self.teacher.std)
+        self.blur = GaussianBlur(sigma, self.size)
+
+    def distances(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Args: x (B,3,S,S) 0..255. Returns: student -> [(B,1,S/s_i,S/s_i)] 1 - cos to the
+        teacher at each matched scale (Se first, then Sd)."""
+        x = self.normalize(x)
+        with torch.no_grad():
+            t = self.teacher(x)
+        se = self.se(x)
+        feats = {"se": se}
+        if self.sd is not None:
+            e = self.embed(se if self.interaction else [f.detach() for f in se])
+            feats["sd"] = self.sd(e)
+        return {k: [cosine_distance(t[i], feats[k][i]) for i in self.match] for k in self.active}
+
+    def training_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (B,3,S,S) 0..255. Returns: scalar pyramid-matching loss of both students."""
+        d = self.distances(x)
+        if self.training:
+            self.scale.update([m for k in self.active for m in d[k]])
+        return dskd_loss(d)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: x (B,3,S,S) float 0..255. Returns: anomaly_map (B,1,S,S), score (B,)."""
+        d = self.distances(x)
+        if self.normalize_maps:
+            n = len(self.match)
+            flat = self.scale([m for k in self.active for m in d[k]])
+            d = {k: flat[j * n : (j + 1) * n] for j, k in enumerate(self.active)}
+        return dskd_anomaly_map(
+            d, self.match_strides, self.size, self.blur, self.combine_scales, self.combine_students
+        )
