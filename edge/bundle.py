@@ -97,14 +97,19 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file + rename so a crash or full disk never leaves half a file."""
+def atomic_write(path: str | Path, data: str | bytes | memoryview) -> None:
+    """Write via a temp file + fsync + rename so a crash or full disk never leaves half a file.
+
+    Args:
+        data: text, or any buffer (bytes, a TensorRT IHostMemory through memoryview).
+    """
     path = Path(path)
+    blob = data.encode() if isinstance(data, str) else memoryview(data)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; bundle files are read by the station's user
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -215,7 +220,7 @@ class Bundle:
         text = yaml.safe_dump(typedconfig.to_dict(th), sort_keys=False)
         if path.is_file():
             shutil.copy2(path, path.with_name(THRESHOLDS + ".bak"))
-        atomic_write_text(path, text)
+        atomic_write(path, text)
         return path
 
 
@@ -226,5 +231,5 @@ def write_manifest(root: str | Path, manifest: Manifest) -> Path:
         p = root / name
         manifest.files[name] = FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
     path = root / MANIFEST
-    atomic_write_text(path, yaml.safe_dump(typedconfig.to_dict(manifest), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(typedconfig.to_dict(manifest), sort_keys=False))
     return path

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from typing import Any
 
 from edge import bundle as bundle_mod
 from edge.backends import trt_compat as tc
+from edge.bundle import atomic_write
 from edge.errors import BackendError, DataError
 from edge.preprocess import list_images
 from engines import parity
@@ -68,20 +67,6 @@ def _ort_runner(bundle: Any, precision: str) -> Any:
     from edge.backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(bundle, precision, providers=["CPUExecutionProvider"])
-
-
-def _write_bytes(path: Path, data: Any) -> None:
-    """Atomic write of a buffer (bytes or TensorRT IHostMemory)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sample_files(b: bundle_mod.Bundle, images: str | Path | None) -> list[Path]:
@@ -149,7 +134,7 @@ def build_engine(
     if serialized is None:
         raise EngineBuildError(f"{src}: TensorRT failed to build the {plan.precision} engine")
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    _write_bytes(timing_cache, config.get_timing_cache().serialize())
+    atomic_write(timing_cache, config.get_timing_cache().serialize())
     return serialized, io, flags
 
 
@@ -210,7 +195,7 @@ def build(
     t0 = time.perf_counter()
     serialized, io, flags = build_engine(trt, src, plan, b, workspace_mb << 20, tcache)
     engine = cache / tc.engine_name(expect.onnx_sha256, gpu, version, precision)
-    _write_bytes(engine, serialized)
+    atomic_write(engine, serialized)
     side = tc.sidecar_path(engine)
     meta = tc.make_sidecar(
         engine,
@@ -230,7 +215,7 @@ def build(
         build_seconds=round(time.perf_counter() - t0, 1),
         parity=None,
     )
-    _write_bytes(side, json.dumps(meta, indent=2).encode())
+    atomic_write(side, json.dumps(meta, indent=2).encode())
     log.info(
         "wrote %s (%.1f MB, %.0f s)", engine, engine.stat().st_size / 1e6, meta["build_seconds"]
     )
@@ -243,7 +228,7 @@ def build(
         side.unlink(missing_ok=True)
         raise
     meta["parity"] = report.as_dict() | {"reference": bundle_mod.PRECISION_FILES[ref_precision]}
-    _write_bytes(side, json.dumps(meta, indent=2).encode())
+    atomic_write(side, json.dumps(meta, indent=2).encode())
     log.info("parity vs ONNX Runtime: %s", report.summary())
     return BuildResult(engine, meta, False, report)
 
