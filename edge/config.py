@@ -90,6 +90,8 @@ class MqttConfig:
     password: str | None = None  # or env LINEINSPECT_MQTT_PASSWORD; never logged
     tls: TlsConfig | None = None
     publish_results: bool = False  # also publish every part on <base>/result
+    # 1: results are acknowledged by the broker too (and their capture -> ack latency measured)
+    result_qos: Literal[0, 1] = 0
     spool: str = "spool.sqlite"  # reject events wait here until the broker acknowledges them
     spool_max_events: int = 100000
     reconnect_max_s: float = 10.0
@@ -213,6 +215,13 @@ def _resolve(base: Path, p: str | None) -> str | None:
     return str(q if q.is_absolute() else (base / q).resolve())
 
 
+def resolve_source_uri(base: Path, uri: str) -> str:
+    """A relative file path or file:// URI made absolute against `base`; other URIs unchanged."""
+    if uri.startswith("file://") and not uri.startswith("file:///"):
+        return "file://" + _resolve(base, uri[len("file://") :])
+    return _resolve(base, uri)
+
+
 def load(path: str | Path) -> StationConfig:
     """Load and validate a station YAML. Raises ConfigError naming the file and key."""
     path = Path(path)
@@ -225,11 +234,7 @@ def load(path: str | Path) -> StationConfig:
     cfg.path = str(path.resolve())
     cfg.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     cfg.bundle = _resolve(base, cfg.bundle)
-    uri = cfg.source.uri
-    if uri.startswith("file://") and not uri.startswith("file:///"):
-        cfg.source.uri = "file://" + _resolve(base, uri[len("file://") :])
-    elif "://" not in uri:
-        cfg.source.uri = _resolve(base, uri)
+    cfg.source.uri = resolve_source_uri(base, cfg.source.uri)
     cfg.postprocess.roi_mask = _resolve(base, cfg.postprocess.roi_mask)
     cfg.mqtt.spool = _resolve(base, cfg.mqtt.spool)
     cfg.evidence.dir = _resolve(base, cfg.evidence.dir)

@@ -35,6 +35,10 @@ class LatencyWindows:
     def add(self, stage: str, seconds: float) -> None:
         self._w[stage].append(max(0.0, seconds))
 
+    def count(self, stage: str) -> int:
+        """Values in the stage's window now."""
+        return len(self._w[stage])
+
     def percentiles(self) -> dict[str, dict[str, float | None]]:
         out: dict[str, dict[str, float | None]] = {}
         for stage, win in self._w.items():

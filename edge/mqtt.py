@@ -2,10 +2,11 @@
 
 Topics, under ``<prefix>/<line>/<station>`` (the topic base):
 
-- ``reject``  QoS 1, one event per rejected part. Each event is written to the on-disk spool
-  first, published, and removed from the spool only when the broker's PUBACK says success. A
-  broker outage or a process crash therefore loses none; consumers drop duplicates by event_id.
-- ``result``  every part (optional), QoS 0 by default, best effort, not spooled.
+- ``reject``  QoS 1, one event per rejected part. Each event is published at once and written to
+  the on-disk spool (fsync) before `publish_reject` returns; it leaves the spool only when the
+  broker's PUBACK says success. A broker outage or a process crash therefore loses none, and the
+  disk sync is not on the way to the broker; consumers drop duplicates by event_id.
+- ``result``  every part (optional), QoS 0 by default (``result_qos``), best effort, not spooled.
 - ``status``  retained: ``online`` on every (re)connect, ``offline`` on a clean close and as the
   last will when the connection dies; ``alarm`` when the spool fills up.
 - ``metrics`` QoS 0, periodic.
@@ -42,6 +43,7 @@ from paho.mqtt.properties import Properties
 from edge import __version__
 from edge.config import MqttConfig
 from edge.errors import BrokerError
+from edge.metrics import LatencyWindows
 from edge.spool import Spool, SpoolError, SpoolFullError
 
 __all__ = ["Publisher", "BrokerError", "SpoolError", "SpoolFullError", "PASSWORD_ENV"]
@@ -72,14 +74,25 @@ def utc_now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+# Latency windows the publisher fills from its PUBACKs: capture -> broker acknowledgement.
+ACK_WINDOWS = ("reject_acked", "result_acked")
+
+
 class _Track:
-    """One QoS>0 publish waiting for its on_publish (event_id None: status or result)."""
+    """One QoS>0 publish waiting for its on_publish (event_id None: status or result).
 
-    __slots__ = ("event_id", "ambiguous")
+    window/t_capture: a part's event (ACK_WINDOWS key, monotonic capture time): its PUBACK adds
+    capture -> ack to that latency window."""
 
-    def __init__(self, event_id: str | None) -> None:
+    __slots__ = ("event_id", "ambiguous", "window", "t_capture")
+
+    def __init__(
+        self, event_id: str | None, window: str | None = None, t_capture: float | None = None
+    ) -> None:
         self.event_id = event_id
         self.ambiguous = False  # a QoS 0 publish got the same mid: its ack cannot be trusted
+        self.window = window
+        self.t_capture = t_capture
 
 
 class DiagnosingClient(mqtt.Client):
@@ -185,6 +198,11 @@ class Publisher:
         self._error_lock = threading.Lock()
         self._mids: dict[int, deque[_Track]] = {}
         self._inflight: dict[str, _Track] = {}  # event_id -> track, held by paho until acked
+        # Rejects published but not yet in the spool (publish_reject sends before it syncs), and
+        # those of them whose PUBACK came first: removed from the spool right after the put.
+        self._storing: set[str] = set()
+        self._acked_while_storing: set[str] = set()
+        self.ack_latency = LatencyWindows(ACK_WINDOWS)  # capture -> PUBACK, per event kind
         self._connected = False
         self._resend_cursor: int | None = None  # spool seq of the running re-send pass
         self._next_retry = 0.0
@@ -389,11 +407,21 @@ class Publisher:
 
     # -- publishing ------------------------------------------------------------------------------
 
-    def publish_reject(self, event: dict) -> None:
-        """Spool (durably) then publish one reject event. Returns at once.
+    def publish_reject(self, event: dict, t_capture: float | None = None) -> None:
+        """Publish one reject event at once, then spool it durably; returns when it is on disk.
+
+        The event goes to the broker before the spool's fsync, so the disk sync is not on the
+        way to the reject gate; the caller still gets control back only once the event would
+        survive a crash. A PUBACK that arrives during the sync removes it right after.
+
+        Args:
+            event: the reject event (must have event_id).
+            t_capture: monotonic capture time of the part: its PUBACK then feeds the
+                `reject_acked` latency window (capture -> broker acknowledgement).
 
         Raises SpoolFullError when the spool is full and SpoolError when it cannot be written: the
-        event was NOT stored; the caller must count it and raise an alarm.
+        event was NOT stored (it may still reach a connected broker); the caller must count it
+        and raise an alarm.
         """
         if self._closed:
             raise BrokerError("MQTT publisher is closed; reject event not stored")
@@ -403,6 +431,12 @@ class Publisher:
             raise ValueError("reject event has no event_id") from None
         payload = encode_event(event)
         topic = self.topics["reject"]
+        with self._lock:
+            if self._connected and event_id not in self._inflight:
+                self._storing.add(event_id)
+                self._publish_locked(
+                    topic, payload, 1, event_id=event_id, window="reject_acked", t_capture=t_capture
+                )
         try:
             self.spool.put(topic, payload, event_id, qos=1)
         except SpoolFullError:
@@ -414,16 +448,37 @@ class Publisher:
             with self._lock:
                 self._counts["spool_errors"] += 1
             raise
-        with self._lock:
-            self._update_alarm_locked()
-            if self._connected and event_id not in self._inflight:
-                self._publish_locked(topic, payload, 1, event_id=event_id)
+        finally:
+            with self._lock:
+                self._storing.discard(event_id)
+                acked_early = event_id in self._acked_while_storing
+                self._acked_while_storing.discard(event_id)
+        if acked_early:
+            self._ack_spooled([event_id])
+        else:
+            with self._lock:
+                self._update_alarm_locked()
 
-    def publish_result(self, event: dict, qos: int = 0) -> bool:
-        """Best effort (not spooled). False when not connected (counted in results_dropped)."""
-        return self._publish_plain(
-            self.topics["result"], encode_event(event), qos, "results_dropped"
-        )
+    def publish_result(
+        self, event: dict, qos: int | None = None, t_capture: float | None = None
+    ) -> bool:
+        """Best effort (not spooled). False when not connected (counted in results_dropped).
+
+        qos: default cfg.result_qos. t_capture: monotonic capture time of the part; with QoS 1
+        its PUBACK feeds the `result_acked` latency window."""
+        qos = self.cfg.result_qos if qos is None else qos
+        with self._lock:
+            if not self._connected:
+                self._counts["results_dropped"] += 1
+                return False
+            info = self._publish_locked(
+                self.topics["result"],
+                encode_event(event),
+                qos=qos,
+                window="result_acked",
+                t_capture=t_capture,
+            )
+            return info is not None
 
     def publish_metrics(self, metrics: dict) -> bool:
         """QoS 0, best effort. False when not connected (counted in metrics_dropped).
@@ -476,8 +531,11 @@ class Publisher:
         qos: int,
         retain: bool = False,
         event_id: str | None = None,
+        window: str | None = None,
+        t_capture: float | None = None,
     ) -> mqtt.MQTTMessageInfo | None:
         """client.publish + bookkeeping. `event_id`: a spooled event, acked on its PUBACK.
+        `window`, `t_capture`: see _Track (ignored for QoS 0, which has no acknowledgement).
 
         Returns None when paho refused the message (counted and logged; a spooled event stays
         in the spool and goes out with the next re-send pass).
@@ -497,7 +555,7 @@ class Publisher:
             log.error("cannot publish %s: paho queue full", what)
             return None
         if qos > 0:
-            track = _Track(event_id)
+            track = _Track(event_id, window if t_capture is not None else None, t_capture)
             self._mids.setdefault(info.mid, deque()).append(track)
             if event_id is not None:
                 self._inflight[event_id] = track
@@ -581,7 +639,7 @@ class Publisher:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         try:
-            self._events.put(("ack", mid, reason_code))
+            self._events.put(("ack", mid, reason_code, time.monotonic()))
         except Exception:
             self._callback_failed("on_publish")
 
@@ -620,7 +678,7 @@ class Publisher:
                 if kind == "stop":
                     stop = True
                 elif kind == "ack":
-                    self._handle_ack(item[1], item[2], acked)
+                    self._handle_ack(item[1], item[2], item[3], acked)
                 elif kind == "connect":
                     self._handle_connect(item[1], item[2])
                 elif kind == "disconnect":
@@ -636,18 +694,22 @@ class Publisher:
             except Exception:  # one bad item must not cost the others (a lost "connect" would)
                 self._callback_failed(f"worker ({kind})")
         if acked:
-            try:
-                self.spool.ack_many(acked)
-            except SpoolError:
-                with self._lock:
-                    self._counts["spool_errors"] += 1
-                log.exception("acknowledged events stay spooled (they will be sent again)")
-            with self._lock:
-                self._counts["acked"] += len(acked)
-                self._update_alarm_locked()
+            self._ack_spooled(acked)
         return stop
 
-    def _handle_ack(self, mid: int, reason_code: Any, acked: list[str]) -> None:
+    def _ack_spooled(self, event_ids: list[str]) -> None:
+        """Remove events the broker acknowledged from the spool (one transaction)."""
+        try:
+            self.spool.ack_many(event_ids)
+        except SpoolError:
+            with self._lock:
+                self._counts["spool_errors"] += 1
+            log.exception("acknowledged events stay spooled (they will be sent again)")
+        with self._lock:
+            self._counts["acked"] += len(event_ids)
+            self._update_alarm_locked()
+
+    def _handle_ack(self, mid: int, reason_code: Any, t_ack: float, acked: list[str]) -> None:
         with self._lock:
             tracks = self._mids.get(mid)
             if not tracks:
@@ -656,6 +718,8 @@ class Publisher:
             if not tracks:
                 del self._mids[mid]
             failed = reason_code is not None and reason_code.is_failure
+            if track.window is not None and not failed:
+                self.ack_latency.add(track.window, t_ack - track.t_capture)
             if track.event_id is None:
                 if failed:
                     self._counts["refused"] += 1
@@ -672,6 +736,8 @@ class Publisher:
                 )
             elif track.ambiguous:
                 log.debug("ambiguous ack for %s; it will be sent again", track.event_id)
+            elif track.event_id in self._storing:
+                self._acked_while_storing.add(track.event_id)  # publish_reject removes it
             else:
                 acked.append(track.event_id)
 

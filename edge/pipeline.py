@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 #   publish     decided -> handed to the publisher (reject: spooled to disk first)
 #   decision    capture -> decided (what latency_ms in an event reports)
 #   total       capture -> published
+# and, from the publisher's PUBACKs (edge.mqtt.ACK_WINDOWS), the end-to-end latencies:
+#   reject_acked  capture -> the broker acknowledged the reject event
+#   result_acked  capture -> the broker acknowledged the result event (mqtt.result_qos: 1)
 STAGES = (
     "preprocess",
     "wait",
@@ -507,12 +510,15 @@ class Station:
             except Exception as exc:
                 self._count_error("evidence", exc, f"frame {frame.seq}")
         try:
-            if decision.reject:
-                self.publisher.publish_reject(event)
+            # The result first: a reject's spool sync (inside publish_reject) must not hold back
+            # the result stream. The reject itself is on the wire before that sync.
             if self.publish_results:
                 self.publisher.publish_result(
-                    {**event, "decision": "reject" if decision.reject else "pass"}
+                    {**event, "decision": "reject" if decision.reject else "pass"},
+                    t_capture=frame.t_mono,
                 )
+            if decision.reject:
+                self.publisher.publish_reject(event, t_capture=frame.t_mono)
         except Exception as exc:
             # Counted and logged loudly; the spool (if it got that far) still holds the event.
             self._count_error("publish", exc, f"frame {frame.seq} part {frame.part_id}")
@@ -623,7 +629,7 @@ class Station:
             "drops": self._drops_total(),
             "errors": dict(self.errors),
             "queues": [self.engine.inbox.qsize(self.key) if self.engine else 0, self.q_out.qsize()],
-            "latency_ms": self.latency.percentiles(),
+            "latency_ms": self.latency_percentiles(),
             "score_quantiles": quantiles(list(self._good_scores)),
             "source": self._source_stats(),
             "thresholds": self.snapshot_thresholds(),
@@ -635,6 +641,14 @@ class Station:
                 out["mqtt"] = self.publisher.stats()
             except Exception as exc:
                 self._count_error("metrics", exc, "publisher.stats")
+        return out
+
+    def latency_percentiles(self) -> dict[str, dict[str, float | None]]:
+        """The stage windows plus the publisher's capture -> PUBACK windows (when it has them)."""
+        out = self.latency.percentiles()
+        acks = getattr(self.publisher, "ack_latency", None)
+        if acks is not None:
+            out.update(acks.percentiles())
         return out
 
     def _drops_total(self) -> int:
@@ -671,7 +685,7 @@ class Station:
             # frames-1 intervals between the first capture and the last publish
             "fps": round((self.frames - 1) / busy, 3) if busy > 0 and self.frames > 1 else 0.0,
             "elapsed_s": round(time.monotonic() - self._t_start, 3) if self._t_start else 0.0,
-            "latency_ms": self.latency.percentiles(),
+            "latency_ms": self.latency_percentiles(),
             "score_quantiles": quantiles(list(self._good_scores)),
             "thresholds": self.snapshot_thresholds(),
             "source": self._source_stats(),

@@ -93,7 +93,9 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[-1] if errors else f"{source}: {key}: invalid value {value!r}")
     if origin is typing.Literal:
-        if value not in args:
+        # bool is an int: `true` must not pass for the literal 1
+        bool_for_int = isinstance(value, bool) and not any(isinstance(a, bool) for a in args)
+        if value not in args or bool_for_int:
             raise ConfigError(
                 f"{source}: {key}: invalid value {value!r}, expected one of {list(args)}"
             )

@@ -42,6 +42,15 @@ def test_invalid_literal_names_key(tmp_path):
         config.load(p)
 
 
+@pytest.mark.parametrize("value", ["2", "true", "'1'"])
+def test_result_qos_takes_only_0_or_1(tmp_path, value):
+    p = write(tmp_path, MINIMAL.format(uri="frames/") + f"mqtt:\n  result_qos: {value}\n")
+    with pytest.raises(ConfigError, match="mqtt.result_qos"):
+        config.load(p)
+    p.write_text(MINIMAL.format(uri="frames/") + "mqtt:\n  result_qos: 1\n")
+    assert config.load(p).mqtt.result_qos == 1
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path):
     p = write(tmp_path, "bundle: b\nsource: {uri: x\n")
     with pytest.raises(ConfigError) as e:

@@ -178,6 +178,54 @@ time.sleep(60)
 
 
 @pytest.mark.broker
+def test_reject_reaches_the_broker_before_the_spool_sync(mosquitto, tmp_path):
+    """publish_reject sends first and syncs second: a slow disk does not delay the reject, the
+    call still returns only once the event is spooled, and a PUBACK that beats the sync still
+    empties the spool (no resend, no duplicate)."""
+    cfg = make_cfg(mosquitto, tmp_path)
+    with Listener(mosquitto.host, mosquitto.port, BASE) as listener:
+        pub = Publisher(cfg, BASE, STATUS_INFO)
+        pub.start()
+        real_put = pub.spool.put
+        seen_during_put = []
+
+        def slow_put(*args, **kw):
+            # the broker has the event (delivered to the listener, PUBACK handled by the
+            # publisher) while the disk is still busy
+            seen_during_put.append(listener.wait_rejects(1, 3))
+            seen_during_put.append(wait(lambda: pub.ack_latency.count("reject_acked") == 1, 3))
+            real_put(*args, **kw)
+
+        pub.spool.put = slow_put
+        event = make_reject(0)
+        t0 = time.monotonic()
+        pub.publish_reject(event, t_capture=t0 - 0.010)
+        assert seen_during_put == [True, True]
+        assert len(pub.spool) == 0  # acked during the sync, removed right after it
+        st = pub.stats()
+        assert st["acked"] == 1 and st["spooled"] == 0
+        lat = pub.ack_latency.percentiles()["reject_acked"]
+        assert lat["p50"] is not None and lat["p50"] >= 10.0  # capture -> PUBACK, in ms
+        assert pub.ack_latency.percentiles()["result_acked"]["p50"] is None
+        pub.close()
+    assert ids(listener.rejects()) == [event["event_id"]]
+
+
+@pytest.mark.broker
+def test_results_at_qos1_have_their_ack_latency(mosquitto, tmp_path):
+    cfg = make_cfg(mosquitto, tmp_path, result_qos=1)
+    with Listener(mosquitto.host, mosquitto.port, BASE) as listener:
+        with Publisher(cfg, BASE, STATUS_INFO) as pub:
+            for i in range(5):
+                result = {**make_reject(i), "decision": "pass", "regions": []}
+                assert pub.publish_result(result, t_capture=time.monotonic()) is True
+            assert wait(lambda: pub.ack_latency.count("result_acked") == 5, 5)
+            assert pub.publish_result(make_reject(9), qos=0) is True  # QoS 0: nothing to time
+            assert listener.wait_for(lambda: len(listener.of_kind("result")) == 6, 3)
+            assert pub.ack_latency.count("result_acked") == 5
+
+
+@pytest.mark.broker
 def test_last_will_when_the_process_dies(mosquitto, tmp_path):
     with Listener(mosquitto.host, mosquitto.port, BASE) as listener:
         proc = _publisher_process(mosquitto, tmp_path / "spool.sqlite")

@@ -51,13 +51,13 @@ class FakePublisher:
         self.fail_rejects = fail_rejects
         self.flushed = self.closed = False
 
-    def publish_reject(self, event):
+    def publish_reject(self, event, t_capture=None):
         if self.fail_rejects:
             self.fail_rejects -= 1
             raise OSError("spool disk full")
         self.rejects.append(event)
 
-    def publish_result(self, event):
+    def publish_result(self, event, t_capture=None):
         self.results.append(event)
 
     def publish_metrics(self, d):

@@ -251,7 +251,9 @@ def test_bench_writes_its_figures(tmp_path, mosquitto, bundle_dir):
     assert r["pipeline"]["ratio"] == pytest.approx(r["rounds"][0]["ratio"])
     lat = r["latency"]
     assert lat["frames"] == 12 and lat["results_received"] == 12 and lat["rejects_received"] == 2
-    assert lat["e2e_ms"]["p99"] >= lat["e2e_ms"]["p50"] > 0
+    assert lat["e2e_ms"]["p99"] >= lat["e2e_ms"]["p50"] > 0  # capture -> PUBACK, every part
+    assert lat["e2e_reject_ms"]["p99"] >= lat["e2e_reject_ms"]["p50"] > 0
+    assert lat["delivered_ms"]["p50"] > 0  # capture -> the subscriber got it
     assert set(r["acceptance"]) == {
         "throughput_ratio_ge_0.95",
         "postprocess_p99_le_2ms",
