@@ -115,6 +115,20 @@ def test_resume_continues_identically(tmp_path, good_dir):
     assert part == full
 
 
+def test_max_steps_caps_training_and_resumes(tmp_path, good_dir):
+    # 4 training images, batch 2: 2 steps per epoch; the cap stops inside epoch 2
+    a = fit(_cfg(good_dir, tmp_path / "a", epochs=5, max_steps=3), progress=False)
+    hist = json.loads((tmp_path / "a" / "history.json").read_text())
+    assert [h["step"] for h in hist] == [2, 3]
+    prov = load_checkpoint(a)[1]["provenance"]
+    assert prov["steps"] == 3 and prov["reached_max_steps"] is True and prov["epochs_run"] == 2
+    fit(_cfg(good_dir, tmp_path / "b", epochs=1, max_steps=3), progress=False)
+    fit(_cfg(good_dir, tmp_path / "b", epochs=5, max_steps=3), resume=True, progress=False)
+    assert json.loads((tmp_path / "b" / "history.json").read_text()) == hist
+    uncapped = fit(_cfg(good_dir, tmp_path / "c", epochs=2, max_steps=0), progress=False)
+    assert load_checkpoint(uncapped)[1]["provenance"]["reached_max_steps"] is False
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")

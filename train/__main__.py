@@ -47,6 +47,7 @@ def _cmd_fit(a: argparse.Namespace) -> None:
         "backbone": a.backbone,
         "image_size": a.image_size,
         "epochs": a.epochs,
+        "max_steps": a.max_steps,
         "seed": a.seed,
         "batch_size": a.batch_size,
         "device": a.device,
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--backbone", help="teacher backbone (default efficientnet_lite0)")
     s.add_argument("--image-size", type=int)
     s.add_argument("--epochs", type=int)
+    s.add_argument("--max-steps", type=int, help="optimizer steps cap (0 = none; default 300)")
     s.add_argument("--batch-size", type=int)
     s.add_argument("--seed", type=int)
     s.add_argument("--device", choices=["cpu", "cuda"])
