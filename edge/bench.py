@@ -261,9 +261,8 @@ def bench_pipeline(cfg: Any, frames: int, listener: Any = None) -> dict[str, Any
         # capture -> PUBACK, from the publisher's windows (every part's result; the rejects)
         out["e2e_ms"] = summary["latency_ms"]["result_acked"]
         out["e2e_reject_ms"] = summary["latency_ms"]["reject_acked"]
-        out["delivered_ms"] = _pct(
-            [(e.received - e.payload["capture_time"]) * 1000 for e in results]
-        )
+        for key, events in (("delivered_ms", results), ("delivered_reject_ms", rejects)):
+            out[key] = _pct([(e.received - e.payload["capture_time"]) * 1000 for e in events])
         out["results_received"] = len(results)
         out["rejects_received"] = len(rejects)
     return out

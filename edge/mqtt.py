@@ -453,9 +453,9 @@ class Publisher:
                 self._storing.discard(event_id)
                 acked_early = event_id in self._acked_while_storing
                 self._acked_while_storing.discard(event_id)
-        if acked_early:
-            self._ack_spooled([event_id])
-        else:
+            if acked_early:  # also when the put failed: the broker has it, count the ack
+                self._ack_spooled([event_id])
+        if not acked_early:
             with self._lock:
                 self._update_alarm_locked()
 
@@ -467,18 +467,14 @@ class Publisher:
         qos: default cfg.result_qos. t_capture: monotonic capture time of the part; with QoS 1
         its PUBACK feeds the `result_acked` latency window."""
         qos = self.cfg.result_qos if qos is None else qos
-        with self._lock:
-            if not self._connected:
-                self._counts["results_dropped"] += 1
-                return False
-            info = self._publish_locked(
-                self.topics["result"],
-                encode_event(event),
-                qos=qos,
-                window="result_acked",
-                t_capture=t_capture,
-            )
-            return info is not None
+        return self._publish_plain(
+            self.topics["result"],
+            encode_event(event),
+            qos,
+            "results_dropped",
+            window="result_acked",
+            t_capture=t_capture,
+        )
 
     def publish_metrics(self, metrics: dict) -> bool:
         """QoS 0, best effort. False when not connected (counted in metrics_dropped).
@@ -492,12 +488,15 @@ class Publisher:
             self.topics["metrics"], encode_event(metrics), 0, "metrics_dropped"
         )
 
-    def _publish_plain(self, topic: str, payload: bytes, qos: int, dropped: str) -> bool:
+    def _publish_plain(
+        self, topic: str, payload: bytes, qos: int, dropped: str, **track: Any
+    ) -> bool:
+        """Publish when connected, else count it under `dropped`. track: window, t_capture."""
         with self._lock:
             if not self._connected:
                 self._counts[dropped] += 1
                 return False
-            return self._publish_locked(topic, payload, qos=qos) is not None
+            return self._publish_locked(topic, payload, qos=qos, **track) is not None
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every spooled event is acknowledged. False on timeout."""

@@ -46,6 +46,7 @@ ABLATIONS = {
         "mtkd-uniform": ("mtkd", {"weights": "uniform"}),
         "mtkd-no-recon": ("mtkd", {"reconstruction": False}),
         "mtkd-uniform-no-recon": ("mtkd", {"weights": "uniform", "reconstruction": False}),
+        "mtkd-ae-coarsest": ("mtkd", {"ae_scale": 2}),
     },
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")
