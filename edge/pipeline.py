@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 #   postprocess threshold, regions, decision (the 2 ms budget), wall clock
 #   postprocess_cpu  the same, in CPU time of the post thread: the algorithm's cost without the
 #               waits for a core that a loaded machine adds to the wall clock
-#   publish     decided -> handed to the publisher (reject: spooled to disk first)
+#   publish     decided -> handed to the publisher (reject: sent, then synced to the spool)
 #   decision    capture -> decided (what latency_ms in an event reports)
 #   total       capture -> published
 # and, from the publisher's PUBACKs (edge.mqtt.ACK_WINDOWS), the end-to-end latencies:
@@ -509,19 +509,14 @@ class Station:
                 )
             except Exception as exc:
                 self._count_error("evidence", exc, f"frame {frame.seq}")
-        try:
-            # The result first: a reject's spool sync (inside publish_reject) must not hold back
-            # the result stream. The reject itself is on the wire before that sync.
-            if self.publish_results:
-                self.publisher.publish_result(
-                    {**event, "decision": "reject" if decision.reject else "pass"},
-                    t_capture=frame.t_mono,
-                )
-            if decision.reject:
-                self.publisher.publish_reject(event, t_capture=frame.t_mono)
-        except Exception as exc:
-            # Counted and logged loudly; the spool (if it got that far) still holds the event.
-            self._count_error("publish", exc, f"frame {frame.seq} part {frame.part_id}")
+        # The result first: a reject's spool sync (inside publish_reject) must not hold back the
+        # result stream; the reject itself is on the wire before that sync. Separate attempts,
+        # so a failed result can never cost the reject.
+        if self.publish_results:
+            result = {**event, "decision": "reject" if decision.reject else "pass"}
+            self._send(self.publisher.publish_result, result, frame)
+        if decision.reject:
+            self._send(self.publisher.publish_reject, event, frame)
         t_pub = time.monotonic()
 
         self.frames += 1
@@ -542,6 +537,13 @@ class Station:
         lat.add("publish", t_pub - t_dec)
         lat.add("decision", t_dec - frame.t_mono)
         lat.add("total", t_pub - frame.t_mono)
+
+    def _send(self, publish: Callable[..., Any], event: dict, frame: Frame) -> None:
+        try:
+            publish(event, t_capture=frame.t_mono)
+        except Exception as exc:
+            # Counted and logged loudly; the spool (if it got that far) still holds the event.
+            self._count_error("publish", exc, f"frame {frame.seq} part {frame.part_id}")
 
     @staticmethod
     def _stages_ms(item: _Item) -> dict[str, float]:

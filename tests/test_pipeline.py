@@ -46,9 +46,9 @@ REJECT_KEYS = {
 class FakePublisher:
     """Records what the pipeline publishes (edge.mqtt.Publisher's surface)."""
 
-    def __init__(self, fail_rejects: int = 0):
+    def __init__(self, fail_rejects: int = 0, fail_results: int = 0):
         self.rejects, self.results, self.metrics = [], [], []
-        self.fail_rejects = fail_rejects
+        self.fail_rejects, self.fail_results = fail_rejects, fail_results
         self.flushed = self.closed = False
 
     def publish_reject(self, event, t_capture=None):
@@ -58,6 +58,9 @@ class FakePublisher:
         self.rejects.append(event)
 
     def publish_result(self, event, t_capture=None):
+        if self.fail_results:
+            self.fail_results -= 1
+            raise OSError("result encoder broke")
         self.results.append(event)
 
     def publish_metrics(self, d):
@@ -263,6 +266,16 @@ def test_stage_errors_are_counted_not_fatal(bundle_dir):
     assert s["errors_by_stage"]["preprocess"] == 1 and s["errors_by_stage"]["publish"] == 1
     assert s["errors"] == 2 and s["frames"] == 3 and s["rejects"] == 2
     assert [e["frame"] for e in pub.rejects] == [3]
+
+
+def test_a_failed_result_never_costs_the_reject(tmp_path, bundle_dir):
+    folder = write_frames(tmp_path / "frames", {0, 1}, 3, FRAME_SHAPE)
+    pub = FakePublisher(fail_results=2)
+    p, _ = build(bundle_dir, folder_source(folder), publisher=pub, publish_results=True)
+    s = p.run()
+    assert s["errors_by_stage"]["publish"] == 2 and s["rejects"] == 2
+    assert [e["frame"] for e in pub.rejects] == [0, 1]  # both rejects went out
+    assert [e["frame"] for e in pub.results] == [2]
 
 
 def test_periodic_metrics_and_bounded_windows(tmp_path, bundle_dir):
