@@ -493,8 +493,9 @@ def test_refused_pubacks_alarms_and_full_spool(tmp_path, caplog):
             for e in events:
                 pub.publish_reject(e)
             assert wait(lambda: pub.stats()["refused"] == 10, 3)
+            not_stored = make_reject(10)
             with pytest.raises(SpoolFullError, match="is full"):
-                pub.publish_reject(make_reject(10))
+                pub.publish_reject(not_stored)
             st = pub.stats()
             assert st["spooled"] == 10 and st["acked"] == 0 and st["spool_full"] == 1
             assert st["alarm"] == "spool 100% full"
@@ -512,7 +513,11 @@ def test_refused_pubacks_alarms_and_full_spool(tmp_path, caplog):
             broker.restart()
             assert pub.flush(6)
             assert gate.wait_rejects(10, 5)
-            assert set(ids(gate.rejects())) == set(ids(events))
+            # Every spooled event arrives. The one the full spool could not store was still
+            # sent to the connected broker (refused then); paho re-sends it after the restart
+            # if the refusal was lost with the old connection: it may arrive, nothing else may.
+            got = set(ids(gate.rejects()))
+            assert set(ids(events)) <= got <= set(ids(events)) | {not_stored["event_id"]}
             assert gate.wait_for(lambda: gate.last_status().get("alarm") is None, 3)
             assert pub.stats()["alarm"] is None
         finally:
