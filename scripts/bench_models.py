@@ -143,8 +143,6 @@ def run_cell(
     ev = evaluate(bundle, data, precision="fp32", backend="onnxruntime", progress=a.progress)
     summary = ev.summary if hasattr(ev, "summary") else ev  # Evaluation or plain dict
     size = int(meta["args"]["image_size"])
-    test_image = sorted((data / "test" / "good").glob("*.png"))[0]
-    lat = onnx_latency_ms(bundle / "model.onnx", test_image, size, a.threads, a.latency_runs)
     return {
         "variant": name,
         "model": kind,
@@ -159,9 +157,7 @@ def run_cell(
         "epochs_run": prov.get("epochs_run"),
         "stopped_early": prov.get("stopped_early"),
         "train_images": prov.get("images"),
-        "ms_per_image": lat["median"],
-        "ms_per_image_min": lat["min"],
-        "ms_per_image_p90": lat["p90"],
+        **cell_latency(bundle, data, size, a),
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(
             p.numel() for n, p in model.named_parameters() if not n.startswith("teacher")
@@ -182,17 +178,23 @@ def run_cell(
     }
 
 
+def cell_latency(bundle: Path, data: Path, size: int, a: argparse.Namespace) -> dict:
+    """A cell's ms_per_image fields: model.onnx on the category's first good test image."""
+    test_image = sorted((data / "test" / "good").glob("*.png"))[0]
+    lat = onnx_latency_ms(bundle / "model.onnx", test_image, size, a.threads, a.latency_runs)
+    return {
+        "ms_per_image": lat["median"],
+        "ms_per_image_min": lat["min"],
+        "ms_per_image_p90": lat["p90"],
+    }
+
+
 def remeasure_latency(r: dict, cell: Path, data: Path, a: argparse.Namespace) -> None:
     """Replace a result's ONNX Runtime latency figures with a measurement taken now."""
-    test_image = sorted((data / "test" / "good").glob("*.png"))[0]
-    size = int(r["conditions"]["image_size"])
-    lat = onnx_latency_ms(
-        cell / "bundle" / "model.onnx", test_image, size, a.threads, a.latency_runs
-    )
-    r.update(ms_per_image=lat["median"], ms_per_image_min=lat["min"], ms_per_image_p90=lat["p90"])
+    r.update(cell_latency(cell / "bundle", data, int(r["conditions"]["image_size"]), a))
     r["conditions"]["latency_measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
     r["conditions"]["loadavg_latency"] = os.getloadavg()[0]
-    print(f"   {r['variant']}/{r['category']}: {lat['median']:.1f} ms/img", flush=True)
+    print(f"   {r['variant']}/{r['category']}: {r['ms_per_image']:.1f} ms/img", flush=True)
 
 
 def _fmt(v, digits=3):
