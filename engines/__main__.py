@@ -48,6 +48,28 @@ def _parser() -> argparse.ArgumentParser:
         help="keep nodes whose name matches in float (repeatable)",
     )
     q.add_argument("--backend", default="onnxruntime", help="backend for --eval")
+    q.add_argument(
+        "--check",
+        help="held-out good images for the FP32 decision check (default: the --calib images "
+        "that calibration did not use)",
+    )
+    q.add_argument(
+        "--allow-over-budget",
+        action="store_true",
+        help="write a graph that fails the decision check anyway (recorded in the manifest)",
+    )
+    q.add_argument(
+        "--no-mixed",
+        action="store_true",
+        help="do not keep sensitive layers in FP32 when INT8 fails the check",
+    )
+    q.add_argument("--max-flip-rate", type=float, help="budget: decisions changed (default 0.01)")
+    q.add_argument(
+        "--max-score-error", type=float, help="budget: of the image threshold's margin (0.10)"
+    )
+    q.add_argument(
+        "--max-map-error", type=float, help="budget: of the pixel threshold's margin (0.25)"
+    )
 
     b = sub.add_parser("build", help="(device) bundle -> TensorRT engine, cached, parity-checked")
     b.add_argument("bundle", help="bundle directory")
@@ -80,8 +102,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"bundle {out}: parity ok on {rep.summary()}")
         elif args.cmd == "quantize":
+            from dataclasses import replace
+
+            from engines.qcheck import Budget
             from engines.quantize import format_table, quantize
 
+            limits = {
+                "max_flip_rate": args.max_flip_rate,
+                "max_score_error": args.max_score_error,
+                "max_map_error": args.max_map_error,
+            }
+            budget = replace(Budget(), **{k: v for k, v in limits.items() if v is not None})
             rep = quantize(
                 args.bundle,
                 args.calib,
@@ -90,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
                 method=args.method,
                 keep_float=args.keep_float,
                 backend=args.backend,
+                check=args.check,
+                budget=budget,
+                allow_over_budget=args.allow_over_budget,
+                mixed=not args.no_mixed,
             )
+            for c in rep.checks.values():
+                print(c.line())
             print(
                 f"wrote {rep.fp16} and {rep.int8} ({rep.quantized_layers} layers INT8, "
                 f"{len(rep.float_layers)} kept in float, {rep.calib_images} calibration images)"

@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ import onnx
 from edge import bundle as bundle_mod
 from edge.errors import DataError, LineInspectError
 from edge.preprocess import list_images, load_batch
-from engines import graph
+from engines import graph, qcheck
 
 log = logging.getLogger("lineinspect.engines.quantize")
 
@@ -38,6 +39,7 @@ INT8_FILE = bundle_mod.PRECISION_FILES["int8"]
 CALIB_METHODS = ("percentile", "minmax", "entropy")
 # Accuracy budget against FP32, in AUROC points (issue 4); exceeding it fails `quantize --eval`.
 MAX_DROP = {"fp16": 0.1, "int8": 0.5}
+MIN_CHECK_IMAGES = 8
 
 
 class QuantizeError(LineInspectError):
@@ -46,11 +48,12 @@ class QuantizeError(LineInspectError):
 
 @dataclass
 class QuantReport:
-    fp16: Path
-    int8: Path
+    fp16: Path | None  # None: refused by the decision check
+    int8: Path | None
     calib_images: int
     quantized_layers: int
     float_layers: dict[str, str]  # node name -> why it stays in float
+    checks: dict[str, qcheck.Check] = field(default_factory=dict)
     eval: dict | None = None
     over_budget: list[str] = field(default_factory=list)
 
@@ -146,6 +149,61 @@ def check_qdq(model: onnx.ModelProto) -> dict:
     return {"quantize_nodes": q, "dequantize_nodes": dq, "per_channel_dequantize": per_channel}
 
 
+def check_files(calib: str | Path, used: list[Path], check: str | Path | None) -> list[Path]:
+    """Held-out good images for the decision check: `check`'s images, else the calibration
+    folder's images that calibration did not use. Raises DataError when fewer than 8."""
+    if check is not None:
+        files = list_images(check)
+    else:
+        taken = {p.resolve() for p in used}
+        files = [p for p in list_images(calib) if p.resolve() not in taken]
+    if len(files) < MIN_CHECK_IMAGES:
+        src = check if check is not None else f"{calib} (beside the {len(used)} calibration images)"
+        raise DataError(
+            f"{src}: {len(files)} held-out good images for the FP32 decision check, need "
+            f">= {MIN_CHECK_IMAGES}: add images, lower --calib-count or pass --check <folder>"
+        )
+    return files
+
+
+def layer_sensitivity(
+    fp32: onnx.ModelProto, int8_path: Path, layers: list[str], files, size, batch: int
+) -> list[tuple[str, float]]:
+    """Rank quantised layers by the error they add: for each, the relative error of its output
+    against FP32 minus that of its input (what the layer's own Q/DQ adds on top of the error it
+    inherits). Measured on good images with every such tensor exposed as a graph output.
+
+    Returns: [(layer name, added error)], largest first.
+    """
+    import onnxruntime as ort
+
+    nodes = {n.name: n for n in fp32.graph.node}
+    tensors = sorted({t for name in layers for t in (nodes[name].input[0], nodes[name].output[0])})
+
+    def outputs_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        m = graph.copy(model)
+        have = {o.name for o in m.graph.output}
+        for t in tensors:
+            if t not in have:
+                m.graph.output.append(
+                    onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                )
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = load_batch(files[:batch], size)
+        if len(x) < batch:
+            x = np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
+        got = sess.run(tensors, {sess.get_inputs()[0].name: x})
+        return dict(zip(tensors, got, strict=True))
+
+    ref, q = outputs_of(fp32), outputs_of(onnx.load(str(int8_path)))
+
+    def rel(t: str) -> float:
+        return float(np.linalg.norm(q[t] - ref[t]) / (np.linalg.norm(ref[t]) + 1e-12))
+
+    added = [(name, rel(nodes[name].output[0]) - rel(nodes[name].input[0])) for name in layers]
+    return sorted(added, key=lambda kv: -kv[1])
+
+
 def quantize(
     bundle_dir: str | Path,
     calib: str | Path,
@@ -155,8 +213,14 @@ def quantize(
     method: str = "percentile",
     keep_float: list[str] | None = None,
     backend: str = "onnxruntime",
+    check: str | Path | None = None,
+    budget: qcheck.Budget | None = None,
+    allow_over_budget: bool = False,
+    mixed: bool = True,
+    target_frr: float = 0.02,
 ) -> QuantReport:
-    """Write model.fp16.onnx and model.int8.onnx into the bundle and record them in its manifest.
+    """Write model.fp16.onnx and model.int8.onnx into the bundle and record them in its manifest,
+    each only after it decided like FP32 on held-out good images (engines.qcheck).
 
     Args:
         bundle_dir: bundle written by `engines export` (its model.onnx is verified first).
@@ -166,75 +230,77 @@ def quantize(
         calib_count: at most this many calibration images (spread over the folder).
         method: INT8 activation range calibration: percentile (99.999%), minmax or entropy.
         keep_float: regexes of node names to keep in float in both graphs, on top of the head.
+        check: folder of held-out good images for the decision check (default: the images of
+            `calib` that calibration did not use).
+        budget: what a precision may change against FP32 (qcheck.Budget defaults).
+        allow_over_budget: write a graph that fails the check anyway (recorded as such).
+        mixed: when INT8 fails the check, keep its most sensitive layers in FP32, doubling
+            their number, until it passes (or every layer is float).
+        target_frr: the false-reject target the reference thresholds are fitted at.
+    Raises:
+        QuantizeError with the figures when a graph fails the check and allow_over_budget is
+        False; nothing that failed is named in the manifest (FP16 that passed still is).
     """
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     if method not in CALIB_METHODS:
         raise QuantizeError(f"unknown calibration method {method!r}, expected {CALIB_METHODS}")
+    budget = budget or qcheck.Budget()
     keep_float = list(keep_float or [])
     b = bundle_mod.Bundle(bundle_dir)
     src = b.model_path("fp32")  # refuses a tampered model.onnx
     model = onnx.load(str(src))
     sp = graph.split(model, keep_float)
     entry = entry_layers(model, sp)
-    floats = float_layers(model, sp, entry, keep_float)
     m = b.manifest
+    files = calibration_files(calib, calib_count)
+    held = check_files(calib, files, check)
+    batch = m.input.batch
+    ref = qcheck.Reference(held, *qcheck.run_graph(src, held, b.image_size, batch), target_frr)
 
     t0 = time.perf_counter()
     fp16 = graph.to_fp16(model, sp.network)
     _same_io(model, fp16, FP16_FILE)
-    fp16_path = b.root / FP16_FILE
-    onnx.save(fp16, str(fp16_path))
-    log.info("wrote %s (%d nodes in FP16)", fp16_path, len(sp.network))
+    fp16_tmp = b.root / (FP16_FILE + ".tmp")
+    onnx.save(fp16, str(fp16_tmp))
+    fp16_check = ref.compare("fp16", *qcheck.run_graph(fp16_tmp, held, b.image_size, batch), budget)
+    log.info("%s", fp16_check.line())
 
-    files = calibration_files(calib, calib_count)
-    reader = ImageReader(files, m.input.name, b.image_size, m.input.batch)
-    int8_path = b.root / INT8_FILE
-    calib_method = {
-        "percentile": CalibrationMethod.Percentile,
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-    }[method]
-    with _quiet_root_logger():
-        quantize_static(
-            graph.copy(model),  # names as split() saw them (it names unnamed nodes)
-            str(int8_path),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=list(graph.QUANT_OPS),
-            nodes_to_exclude=[*sp.kept_float, *entry],
-            calibrate_method=calib_method,
-            extra_options={
-                "ActivationSymmetric": True,
-                "WeightSymmetric": True,
-                # TensorRT takes float biases and folds them itself; int32 bias DQ it rejects.
-                "QuantizeBias": False,
-                # Q/DQ on the inputs of weighted layers only, as TensorRT recommends: it picks
-                # the output precision itself and fuses Conv + activation.
-                "OpTypesToExcludeOutputQuantization": list(graph.QUANT_OPS),
-            },
-            calibration_providers=["CPUExecutionProvider"],
-        )
-    int8 = onnx.load(str(int8_path))
+    reader = ImageReader(files, m.input.name, b.image_size, batch)
+    int8_tmp = b.root / (INT8_FILE + ".tmp")
+    quantizable = [
+        n.name
+        for n in model.graph.node
+        if n.op_type in graph.QUANT_OPS and n.name in set(sp.network) - set(entry)
+    ]
+    search: list[dict] = []
+    extra_float: list[str] = []
+    while True:
+        _quantize_int8(model, sp, entry, extra_float, reader, method, int8_tmp)
+        c = ref.compare("int8", *qcheck.run_graph(int8_tmp, held, b.image_size, batch), budget)
+        search.append({"float_layers": len(extra_float), **c.as_dict()})
+        log.info("int8 with %d sensitive layers in float: %s", len(extra_float), c.line())
+        if c.passed or not mixed or len(extra_float) >= len(quantizable):
+            break
+        if not extra_float:  # rank once, on the fully quantised graph
+            ranked = [
+                n
+                for n, _ in layer_sensitivity(
+                    model, int8_tmp, quantizable, held, b.image_size, batch
+                )
+            ]
+        extra_float = ranked[: max(1, 2 * len(extra_float))]
+    int8_check = c
+    if len(extra_float) >= len(quantizable) and quantizable:
+        int8_check.failures.append("no layer left in INT8")
+
+    floats = float_layers(model, sp, entry, keep_float)
+    floats.update({n: "sensitive (engines.quantize mixed-precision search)" for n in extra_float})
+    int8 = onnx.load(str(int8_tmp))
     onnx.checker.check_model(int8)
     _same_io(model, int8, INT8_FILE)
     qdq = check_qdq(int8)
-    quantized = sum(
-        1
-        for n in model.graph.node
-        if n.op_type in graph.QUANT_OPS and n.name in set(sp.network) - set(entry)
-    )
+    quantized = len(quantizable) - len(extra_float)
     log.info(
-        "wrote %s (%d layers INT8, calibrated on %d images, %.0f s)",
-        int8_path,
+        "int8: %d layers INT8, calibrated on %d images, %.0f s",
         quantized,
         len(files),
         time.perf_counter() - t0,
@@ -242,20 +308,45 @@ def quantize(
 
     import onnxruntime
 
-    m.files[FP16_FILE] = bundle_mod.FileEntry("", 0)
-    m.files[INT8_FILE] = bundle_mod.FileEntry("", 0)
+    ok = {
+        "fp16": fp16_check.passed or allow_over_budget,
+        "int8": int8_check.passed or allow_over_budget,
+    }
+    for name, tmp, p in ((FP16_FILE, fp16_tmp, "fp16"), (INT8_FILE, int8_tmp, "int8")):
+        m.files.pop(name, None)
+        (b.root / name).unlink(missing_ok=True)
+        if ok[p]:
+            os.replace(tmp, b.root / name)  # atomic: a reader sees the old file or the new
+            m.files[name] = bundle_mod.FileEntry("", 0)
+        else:
+            tmp.unlink()
+    decision_check = {
+        "images": len(held),
+        "dir": str(Path(check).resolve()) if check is not None else None,
+        "target_frr": target_frr,
+        "budget": asdict(budget),
+        "fp16": fp16_check.as_dict(),
+        "int8": int8_check.as_dict(),
+        "int8_search": search,
+        "written_over_budget": [
+            p
+            for p in ("fp16", "int8")
+            if ok[p] and not {"fp16": fp16_check, "int8": int8_check}[p].passed
+        ],
+    }
     m.quantization = {
         "source_sha256": m.files["model.onnx"].sha256,
         "onnxruntime": onnxruntime.__version__,
         "onnx": str(onnx.__version__),
         "keep_float_patterns": keep_float,
+        "decision_check": decision_check,
         "fp16": {
-            "file": FP16_FILE,
+            "file": FP16_FILE if ok["fp16"] else None,
             "network_nodes_fp16": len(sp.network),
             **sp.summary(model),
         },
         "int8": {
-            "file": INT8_FILE,
+            "file": INT8_FILE if ok["int8"] else None,
             "format": "QDQ",
             "activations": "int8, symmetric, per tensor",
             "weights": "int8, symmetric, per output channel",
@@ -272,13 +363,69 @@ def quantize(
         },
     }
     bundle_mod.write_manifest(b.root, m)
-    report = QuantReport(fp16_path, int8_path, len(files), quantized, floats)
+    report = QuantReport(
+        b.root / FP16_FILE if ok["fp16"] else None,
+        b.root / INT8_FILE if ok["int8"] else None,
+        len(files),
+        quantized,
+        floats,
+        checks={"fp16": fp16_check, "int8": int8_check},
+    )
+    refused = [c for p, c in report.checks.items() if not ok[p]]
+    if refused:
+        raise QuantizeError(
+            "refused to write "
+            + " and ".join(c.precision.upper() for c in refused)
+            + f" (decision check on {len(held)} held-out good images): "
+            + " | ".join(c.line() for c in refused)
+            + "; --allow-over-budget writes it anyway"
+        )
     if eval_data is not None:
         report.eval, report.over_budget = evaluate_precisions(b.root, eval_data, backend)
         m = bundle_mod.Bundle(b.root).manifest
         m.quantization["eval"] = report.eval
         bundle_mod.write_manifest(b.root, m)
     return report
+
+
+def _quantize_int8(model, sp, entry, extra_float, reader, method, out: Path) -> None:
+    """ONNX Runtime static Q/DQ quantisation laid out for TensorRT (see the module docstring)."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    reader.rewind()
+    calib_method = {
+        "percentile": CalibrationMethod.Percentile,
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+    }[method]
+    with _quiet_root_logger():
+        quantize_static(
+            graph.copy(model),  # names as split() saw them (it names unnamed nodes)
+            str(out),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=list(graph.QUANT_OPS),
+            nodes_to_exclude=[*sp.kept_float, *entry, *extra_float],
+            calibrate_method=calib_method,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                # TensorRT takes float biases and folds them itself; int32 bias DQ it rejects.
+                "QuantizeBias": False,
+                # Q/DQ on the inputs of weighted layers only, as TensorRT recommends: it picks
+                # the output precision itself and fuses Conv + activation.
+                "OpTypesToExcludeOutputQuantization": list(graph.QUANT_OPS),
+            },
+            calibration_providers=["CPUExecutionProvider"],
+        )
 
 
 @contextlib.contextmanager

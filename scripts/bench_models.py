@@ -5,7 +5,9 @@
 
 Each cell is `train.fit` (configs/train_<model>.yaml + overrides) -> `engines.export.export`
 (ONNX + parity) -> `calibration.evaluate.evaluate` (ONNX Runtime, FP32), plus an ONNX Runtime CPU
-latency run, parameter count and FLOPs (torch.utils.flop_counter, batch 1). Results go to
+latency run (with the bundle's size and the memory the ONNX Runtime session added), parameter
+count and FLOPs (torch.utils.flop_counter, batch 1). `--seeds 0,1,2` repeats every cell per
+seed (cells under seed<k>/) and reports means with the spread over seeds. Results go to
 <out>/<variant>/<category>/result.json; a cell with a result is skipped, an interrupted training
 resumes from its last.pt, so the script can be stopped and re-run, or run one model/category at
 a time, and the table is rebuilt from every result present. The report (<report>.md and .json)
@@ -38,7 +40,8 @@ ABLATIONS = {
         "dskd-coarsest-scale": ("dskd", {"match_scales": [2]}),
         "dskd-scales-product": ("dskd", {"combine_scales": "product"}),
         "dskd-students-max": ("dskd", {"combine_students": "max"}),
-        "dskd-raw-maps": ("dskd", {"normalize_maps": False}),
+        "dskd-running-norm": ("dskd", {"map_norm": "running"}),
+        "dskd-raw-maps": ("dskd", {"map_norm": "none"}),
     },
     "mtkd": {
         "stpm": ("stpm", {}),
@@ -78,6 +81,14 @@ def count_flops(model, size: int) -> int:
     return int(fc.get_total_flops())
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux /proc), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def onnx_latency_ms(onnx_path: Path, image: Path, size: int, threads: int, runs: int) -> dict:
     """ONNX Runtime CPU latency of model.onnx on one real image over `runs`: the minimum (the
     cost with the CPU to itself; on a shared machine the median also measures the neighbours),
@@ -87,6 +98,7 @@ def onnx_latency_ms(onnx_path: Path, image: Path, size: int, threads: int, runs:
 
     from edge.preprocess import load_batch
 
+    rss0 = _rss_mb()
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
@@ -103,6 +115,7 @@ def onnx_latency_ms(onnx_path: Path, image: Path, size: int, threads: int, runs:
         times.append((time.perf_counter() - t0) * 1000.0 / len(x))
     times.sort()
     return {
+        "rss_mb": _rss_mb() - rss0,
         "min": times[0],
         "median": statistics.median(times),
         "p90": times[int(0.9 * (len(times) - 1))],
@@ -183,6 +196,8 @@ def cell_latency(bundle: Path, data: Path, size: int, a: argparse.Namespace) -> 
     test_image = sorted((data / "test" / "good").glob("*.png"))[0]
     lat = onnx_latency_ms(bundle / "model.onnx", test_image, size, a.threads, a.latency_runs)
     return {
+        "bundle_mb": (bundle / "model.onnx").stat().st_size / 1e6,
+        "rss_mb": lat["rss_mb"],
         "ms_per_image": lat["median"],
         "ms_per_image_min": lat["min"],
         "ms_per_image_p90": lat["p90"],
@@ -197,6 +212,11 @@ def remeasure_latency(r: dict, cell: Path, data: Path, a: argparse.Namespace) ->
     print(f"   {r['variant']}/{r['category']}: {r['ms_per_image']:.1f} ms/img", flush=True)
 
 
+def _cell_dir(out: Path, name: str, cat: str, seed: int, a: argparse.Namespace) -> Path:
+    """<out>/<variant>/<category>/ for a single-seed run (the old layout), else .../seed<k>/."""
+    return out / name / cat / f"seed{seed}" if a.seeds else out / name / cat
+
+
 def _fmt(v, digits=3):
     if v is None:
         return "-"
@@ -205,46 +225,67 @@ def _fmt(v, digits=3):
     return str(v)
 
 
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(vals) if vals else None
+
+
 def write_report(results: list[dict], order: list[str], report: Path, command: str) -> None:
-    """Markdown + JSON table: per category rows and the mean per variant."""
+    """Markdown + JSON: per (variant, category) the mean over seeds, per variant the mean over
+    categories with the spread over seeds (std of the per-seed category means)."""
     by_variant: dict[str, list[dict]] = {}
     for r in results:
         by_variant.setdefault(r["variant"], []).append(r)
     names = [n for n in order if n in by_variant] + sorted(set(by_variant) - set(order))
-    means = {}
+    keys = (*METRICS, "train_minutes", "ms_per_image", "ms_per_image_min", "bundle_mb", "rss_mb")
+    means, lines = {}, []
     for n in names:
         rows = by_variant[n]
-        means[n] = {
-            k: statistics.fmean(r[k] for r in rows if r[k] is not None)
-            for k in (*METRICS, "train_minutes", "ms_per_image", "ms_per_image_min")
-            if all(k in r for r in rows)
-        }
-        means[n].update(categories=len(rows), params=rows[0]["params"], gflops=rows[0]["gflops"])
-    head = (
-        "| variant | category | image AUROC | pixel AUROC | PRO | train min | ms/img (ORT CPU) "
-        "| params (M) | trainable (M) | GFLOPs | conditions |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    lines = []
-    for n in names:
-        for r in sorted(by_variant[n], key=lambda r: r["category"]):
-            c = r["conditions"]
-            cond = f"{c['image_size']} px, {r['epochs_run']}/{c['epochs']} ep, {c['threads']} thr"
+        seeds = sorted({r.get("seed", 0) for r in rows})
+        cats = sorted({r["category"] for r in rows})
+        for cat in cats:
+            cr = [r for r in rows if r["category"] == cat]
+            m = {k: _mean(cr, k) for k in keys}
+            sd = ""
+            if len(cr) > 1:
+                sd = f" ± {statistics.stdev(r['image_auroc'] for r in cr):.3f}"
+            c = cr[0]["conditions"]
+            ep = statistics.fmean(r["epochs_run"] or 0 for r in cr)
             lines.append(
-                f"| {n} | {r['category']} | {_fmt(r['image_auroc'])} | {_fmt(r['pixel_auroc'])} "
-                f"| {_fmt(r['pro'])} | {_fmt(r['train_minutes'], 1)} "
-                f"| {_fmt(r['ms_per_image'], 1)} ({_fmt(r.get('ms_per_image_min'), 1)}) "
-                f"| {r['params'] / 1e6:.2f} | {r['trainable_params'] / 1e6:.2f} "
-                f"| {r['gflops']:.2f} | {cond} |"
+                f"| {n} | {cat} | {_fmt(m['image_auroc'])}{sd} | {_fmt(m['pixel_auroc'])} "
+                f"| {_fmt(m['pro'])} | {_fmt(m['train_minutes'], 1)} | {_fmt(m['ms_per_image'], 1)} "
+                f"| {_fmt(m['bundle_mb'], 1)} | {cr[0]['params'] / 1e6:.2f} | {cr[0]['gflops']:.2f} "
+                f"| {len(cr)} | {c['image_size']} px, {ep:.0f}/{c['epochs']} ep, {c['threads']} thr |"
             )
-        m = means[n]
+        per_seed = []
+        for sd in seeds:
+            sr = [r for r in rows if r.get("seed", 0) == sd]
+            if len(sr) == len(cats):  # a seed counts once every category has it
+                per_seed.append({k: _mean(sr, k) for k in METRICS})
+        m = {k: _mean(rows, k) for k in keys}
+        m.update(
+            categories=len(cats),
+            seeds=len(per_seed),
+            params=rows[0]["params"],
+            gflops=rows[0]["gflops"],
+        )
+        for k in METRICS:
+            vals = [p[k] for p in per_seed if p[k] is not None]
+            m[f"{k}_seed_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+        means[n] = m
+        spread = f" ± {m['image_auroc_seed_std']:.3f}" if m["image_auroc_seed_std"] else ""
         lines.append(
-            f"| **{n}** | **mean of {m['categories']}** | **{_fmt(m['image_auroc'])}** "
+            f"| **{n}** | **mean of {len(cats)}** | **{_fmt(m['image_auroc'])}**{spread} "
             f"| **{_fmt(m['pixel_auroc'])}** | **{_fmt(m['pro'])}** "
             f"| {_fmt(m['train_minutes'], 1)} | {_fmt(m['ms_per_image'], 1)} "
-            f"({_fmt(m.get('ms_per_image_min'), 1)}) "
-            f"| {m['params'] / 1e6:.2f} | | {m['gflops']:.2f} | |"
+            f"| {_fmt(m['bundle_mb'], 1)} | {m['params'] / 1e6:.2f} | {m['gflops']:.2f} "
+            f"| {len(per_seed)} seeds | |"
         )
+    head = (
+        "| variant | category | image AUROC (± seed std) | pixel AUROC | PRO | train min "
+        "| ms/img (ORT CPU) | bundle MB | params (M) | GFLOPs | runs | conditions |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     md = f"Command: `{command}`\n\n" + head + "\n".join(lines) + "\n"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.with_suffix(".md").write_text(md)
@@ -266,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, help="default: the config's (256)")
     p.add_argument("--epochs", type=int, help="default: the config's")
     p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (cells under seed<k>/)")
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime CPU threads")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--latency-runs", type=int, default=20)
@@ -296,35 +338,44 @@ def main(argv: list[str] | None = None) -> int:
         else sorted(d.name for d in data.iterdir() if (d / "test").is_dir())
     )
     only = set(a.only.split(",")) if a.only else set(variants)
-    for name, (kind, args) in variants.items():
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed or 0]
+    # Seed-major order: a stopped run has every model on every category for the first seeds.
+    for seed in seeds:
         for cat in cats:
-            cell = out / name / cat
-            res = cell / "result.json"
-            if a.no_run or name not in only or res.is_file():
-                continue
-            cell.mkdir(parents=True, exist_ok=True)
-            print(f"== {name} / {cat}", flush=True)
-            try:
-                r = run_cell(name, kind, args, data / cat, cell, a)
-            except (LineInspectError, ValueError) as exc:
-                print(f"error: {name}/{cat}: {exc}", file=sys.stderr)
-                return 2
-            res.write_text(json.dumps(r, indent=1))
-            print(
-                f"   image AUROC {r['image_auroc']:.3f} pixel AUROC {r['pixel_auroc']:.3f} "
-                f"PRO {_fmt(r['pro'])} train {r['train_minutes']:.1f} min",
-                flush=True,
-            )
+            for name, (kind, args) in variants.items():
+                cell = _cell_dir(out, name, cat, seed, a)
+                res = cell / "result.json"
+                if a.no_run or name not in only or res.is_file():
+                    continue
+                cell.mkdir(parents=True, exist_ok=True)
+                print(f"== {name} / {cat} / seed {seed}", flush=True)
+                a.seed = seed
+                try:
+                    r = run_cell(name, kind, args, data / cat, cell, a)
+                except (LineInspectError, ValueError) as exc:
+                    print(f"error: {name}/{cat}: {exc}", file=sys.stderr)
+                    return 2
+                r["seed"] = seed
+                res.write_text(json.dumps(r, indent=1))
+                print(
+                    f"   image AUROC {r['image_auroc']:.3f} pixel AUROC {r['pixel_auroc']:.3f} "
+                    f"PRO {_fmt(r['pro'])} train {r['train_minutes']:.1f} min "
+                    f"{r['ms_per_image']:.1f} ms/img",
+                    flush=True,
+                )
     results = []
     for name in variants:
         for cat in cats:
-            res = out / name / cat / "result.json"
-            if res.is_file():
-                r = json.loads(res.read_text())
-                if a.relatency:
-                    remeasure_latency(r, out / name / cat, data / cat, a)
-                    res.write_text(json.dumps(r, indent=1))
-                results.append(r)
+            for seed in seeds:
+                cell = _cell_dir(out, name, cat, seed, a)
+                res = cell / "result.json"
+                if res.is_file():
+                    r = json.loads(res.read_text())
+                    r.setdefault("seed", seed)
+                    if a.relatency:
+                        remeasure_latency(r, cell, data / cat, a)
+                        res.write_text(json.dumps(r, indent=1))
+                    results.append(r)
     command = "python scripts/bench_models.py " + " ".join(argv or sys.argv[1:])
     write_report(results, list(variants), Path(a.report), command)
     return 0

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge.backends import load_backend
 from edge.bundle import Bundle
-from edge.errors import BundleError
+from edge.errors import DataError, BundleError
 from engines import graph, parity
 from engines import quantize as quant_mod
 from engines.__main__ import main
@@ -205,7 +205,7 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eng")
     rng = np.random.default_rng(0)
     data = root / "cat"
-    _images(data / "train" / "good", 6, rng)
+    _images(data / "train" / "good", 14, rng)  # 4 calibrate INT8, 10 check its decisions
     _images(data / "test" / "good", 3, rng)
     _images(data / "test" / "hole", 3, rng, defect=True)
     (data / "ground_truth" / "hole").mkdir(parents=True)
@@ -287,9 +287,19 @@ def test_export_parity_failure_names_worst_image(run_dir, tmp_path, monkeypatch,
 def test_quantize_writes_fp16_and_qdq_int8(bundle_dir, run_dir, capsys):
     run, data = run_dir
     code = main(
-        ["quantize", str(bundle_dir), "--calib", str(data / "train" / "good"), "--method", "minmax"]
+        [
+            "quantize",
+            str(bundle_dir),
+            "--calib",
+            str(data / "train" / "good"),
+            "--calib-count",
+            "4",
+            "--method",
+            "minmax",
+        ]
     )
-    assert code == 0 and "layers INT8" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert code == 0 and "layers INT8" in out and "int8: decisions changed" in out
     b = Bundle(bundle_dir)
     b.verify_all()
     q = b.manifest.quantization
@@ -333,6 +343,8 @@ def test_quantize_eval_table_and_budget(bundle_dir, run_dir, monkeypatch, capsys
             str(bundle_dir),
             "--calib",
             str(data / "train" / "good"),
+            "--calib-count",
+            "4",
             "--eval",
             str(data),
             "--method",
@@ -385,7 +397,7 @@ def test_tampered_model_refused_by_every_loader(bundle_dir, run_dir, tmp_path):
     (root / "model.onnx").write_bytes(bytes(blob))
     loaders = [
         lambda: load_backend("onnxruntime", Bundle(root), "fp32"),
-        lambda: quant_mod.quantize(root, data / "train" / "good", calib_count=2),
+        lambda: quant_mod.quantize(root, data / "train" / "good", calib_count=4),
         lambda: __import__("calibration.evaluate").evaluate.evaluate(root, data, "fp32"),
     ]  # engines build: tests/test_tensorrt_build.py::test_tampered_graph_refused_before_building
     for load in loaders:
@@ -393,3 +405,79 @@ def test_tampered_model_refused_by_every_loader(bundle_dir, run_dir, tmp_path):
             load()
         msg = str(e.value)
         assert str(root / "model.onnx") in msg and want in msg and "file has" in msg
+
+
+# ---------------------------------------------------------------------------- decision check
+
+
+@pytest.fixture(scope="module")
+def fragile_bundle(run_dir, tmp_path_factory):
+    """An STPM whose student is the teacher plus a little noise: its map is a small difference
+    of two large feature maps, the case where per-tensor INT8 noise swamps the signal."""
+    run, data = run_dir
+    torch.manual_seed(1)
+    model = build_model("stpm", image_size=S).eval()
+    with torch.no_grad():
+        for (_, t), (_, st) in zip(
+            model.teacher.state_dict().items(), model.student.state_dict().items(), strict=True
+        ):
+            if st.dtype.is_floating_point:
+                st.copy_(t + 0.002 * t.abs().mean() * torch.randn_like(t))
+    root = tmp_path_factory.mktemp("fragile")
+    (root / "run").mkdir()
+    ckpt = {
+        "kind": "stpm",
+        "args": model.args,
+        "state_dict": model.state_dict(),
+        "config": {"data": str(data)},
+        "provenance": {"seed": 0},
+    }
+    torch.save(ckpt, root / "run" / "checkpoint.pt")
+    out, rep = export(root / "run", root / "b", parity_count=2)
+    return out, data
+
+
+def test_quantize_refuses_int8_that_decides_unlike_fp32(fragile_bundle, capsys):
+    bundle, data = fragile_bundle
+    args = ["quantize", str(bundle), "--calib", str(data / "train" / "good")]
+    code = main([*args, "--calib-count", "4", "--no-mixed"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: refused to write INT8") and "--allow-over-budget" in err
+    assert "int8: decisions changed" in err and "OVER BUDGET" in err and "\n" not in err.strip()
+    b = Bundle(bundle)
+    q = b.manifest.quantization
+    assert quant_mod.INT8_FILE not in b.manifest.files and q["int8"]["file"] is None
+    assert not (bundle / quant_mod.INT8_FILE).exists()
+    assert not list(bundle.glob("*.tmp"))
+    failed = q["decision_check"]["int8"]
+    assert failed["passed"] is False and failed["failures"] and failed["images"] == 10
+    assert failed["score_error"] > quant_mod.qcheck.Budget().max_score_error
+    with pytest.raises(BundleError, match="int8"):
+        b.model_path("int8")
+    # asked for explicitly, it is written, and the manifest says it failed
+    assert main([*args, "--calib-count", "4", "--no-mixed", "--allow-over-budget"]) == 0
+    q = Bundle(bundle).manifest.quantization
+    assert q["int8"]["file"] == quant_mod.INT8_FILE
+    assert q["decision_check"]["written_over_budget"] == ["int8"] or "fp16" in (
+        q["decision_check"]["written_over_budget"]
+    )
+
+
+def test_mixed_precision_search_keeps_sensitive_layers_in_float(fragile_bundle, capsys):
+    bundle, data = fragile_bundle
+    rep = quant_mod.quantize(
+        bundle, data / "train" / "good", calib_count=4, allow_over_budget=True
+    )
+    search = Bundle(bundle).manifest.quantization["decision_check"]["int8_search"]
+    # the search kept doubling the float layers, each try measured and recorded
+    assert [s["float_layers"] for s in search][:3] == [0, 1, 2]
+    assert search[-1]["score_error"] < search[0]["score_error"]
+    kept = [n for n, why in rep.float_layers.items() if why.startswith("sensitive")]
+    assert len(kept) == search[-1]["float_layers"]
+
+
+def test_check_needs_enough_held_out_images(bundle_dir, run_dir):
+    run, data = run_dir
+    with pytest.raises(DataError, match="held-out good images"):
+        quant_mod.quantize(bundle_dir, data / "train" / "good", calib_count=10)

@@ -17,7 +17,7 @@ from train.models import MODELS, build_model
 from train.models.common import (
     GaussianBlur,
     Normalize,
-    RunningScale,
+    MapNorm,
     combine,
     cosine_distance,
     l2_normalize,
@@ -83,15 +83,24 @@ def test_model_contract(kind, tmp_path):
     rebuilt = build_model(kind, **{**args, "pretrained": False})
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
 
-    # training: scalar loss, gradients reach trainable parameters only
-    model.train()
     x = torch.rand(B, 3, S, S) * 255
-    loss = model.training_loss(x)
-    assert loss.ndim == 0 and torch.isfinite(loss)
-    loss.backward()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
-    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    if hasattr(model, "fit_memory"):
+        # a memory model: no parameter to train, the bank is filled from good images
+        assert not any(p.requires_grad for p in model.parameters())
+        n = model.fit_memory([x, torch.rand(B, 3, S, S) * 255])
+        assert model.memory.shape[0] == n >= 1
+    else:
+        # training: scalar loss, gradients reach trainable parameters only
+        model.train()
+        loss = model.training_loss(x)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        if hasattr(model, "fit_map_normalization"):
+            model.eval()
+            model.fit_map_normalization([x])
 
     # eval: (anomaly_map (B,1,S,S), score (B,)) float32, score = max of the map
     model.eval()
@@ -158,13 +167,33 @@ def test_combine_and_running_scale():
     v = torch.randn(2, 5, 3, 3)
     assert torch.allclose(l2_normalize(v).norm(dim=1), torch.ones(2, 3, 3), atol=1e-5)
 
-    rs = RunningScale(2, momentum=0.5)
+    rs = MapNorm([(2, 2), (2, 2)], momentum=0.5)
     rs.update([torch.full((1, 1, 2, 2), 4.0), torch.full((1, 1, 2, 2), 2.0)])
     assert rs.mean.tolist() == [4.0, 2.0]  # first batch replaces the init
     rs.update([torch.full((1, 1, 2, 2), 2.0), torch.full((1, 1, 2, 2), 2.0)])
     assert rs.mean.tolist() == [3.0, 2.0]
     out = rs([torch.full((1, 1, 2, 2), 3.0), torch.full((1, 1, 2, 2), 1.0)])
     assert out[0].unique().item() == 1.0 and out[1].unique().item() == 0.5
+
+
+def test_map_norm_quantiles_per_border_ring():
+    # Good maps whose border ring runs 10x hotter than the interior: after the fit, a good
+    # map's border and interior land in the same range, and a hot interior pixel stands out.
+    torch.manual_seed(0)
+    good = torch.rand(50, 1, 8, 8)
+    good[..., 0, :] *= 10
+    good[..., -1, :] *= 10
+    good[..., :, 0] *= 10
+    good[..., :, -1] *= 10
+    norm = MapNorm([(8, 8)], rings=1)
+    norm.fit([[good]])
+    out = norm([good])[0]
+    ring = out[..., 0, :].flatten()
+    inner = out[..., 2:-2, 2:-2].flatten()
+    assert abs(ring.quantile(0.995) - 1) < 0.05 and abs(inner.quantile(0.995) - 1) < 0.05
+    hot = good[:1].clone()
+    hot[..., 4, 4] = 3.0  # 3x the interior's good maximum, a third of the border's
+    assert norm([hot])[0][..., 4, 4].item() > norm([good])[0][..., 0, :].max().item()
 
 
 # ---------------------------------------------------------------------------- DSKD
@@ -198,7 +227,7 @@ def test_dskd_students_and_interaction():
 
 
 def test_dskd_se_equal_to_teacher_gives_zero():
-    model = build_model("dskd", image_size=S, students="se", normalize_maps=False)
+    model = build_model("dskd", image_size=S, students="se", map_norm="none")
     model.se.load_state_dict(model.teacher.state_dict())
     model.eval()
     x = torch.rand(1, 3, S, S) * 255

@@ -13,6 +13,38 @@ def _csv(text: str) -> list[str]:
 
 
 def _cmd_synth(a: argparse.Namespace) -> None:
+    if a.source and a.real:
+        raise ValueError("--from and --real exclude each other")
+    if a.source:
+        from train.realsurf import paint_folder
+
+        meta = paint_folder(
+            a.source,
+            a.out,
+            test_fraction=a.test_fraction,
+            test_defect=a.test_defect if a.test_defect is not None else 5,
+            seed=a.seed,
+        )
+        c = meta["counts"]
+        print(
+            f"wrote {a.out}: {c['train_good']} train/good, {c['test_good']} test/good, "
+            f"{c['test_defect']} painted images of each of {len(meta['defects'])} defects"
+        )
+        return
+    if a.real:
+        from train.realsurf import generate_real
+
+        generate_real(
+            a.out,
+            categories=_csv(a.categories) if a.categories else None,
+            image_size=a.image_size,
+            train_good=a.train_good,
+            test_good=a.test_good if a.test_good is not None else 30,
+            test_defect=a.test_defect if a.test_defect is not None else 5,
+            seed=a.seed,
+        )
+        print(f"wrote {a.out}")
+        return
     from train.synth import generate
 
     generate(
@@ -20,8 +52,8 @@ def _cmd_synth(a: argparse.Namespace) -> None:
         categories=_csv(a.categories) if a.categories else None,
         image_size=a.image_size,
         train_good=a.train_good,
-        test_good=a.test_good,
-        test_defect=a.test_defect,
+        test_good=a.test_good if a.test_good is not None else 20,
+        test_defect=a.test_defect if a.test_defect is not None else 8,
         seed=a.seed,
     )
     print(f"wrote {a.out}")
@@ -63,13 +95,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("synth", help="generate a synthetic MVTec-layout data set")
-    s.add_argument("out", help="output folder (one subfolder per category)")
+    s = sub.add_parser(
+        "synth",
+        help="generate an MVTec-layout data set: synthetic parts, real surfaces (--real), "
+        "or your own good images with painted defects (--from)",
+    )
+    s.add_argument("out", help="output folder")
+    s.add_argument(
+        "--from",
+        dest="source",
+        metavar="DIR",
+        help="paint masked defects onto copies of your own good images (a folder); writes "
+        "OUT/train/good, OUT/test/{good,<defect>}, OUT/ground_truth/<defect>",
+    )
+    s.add_argument("--test-fraction", type=float, default=0.3, help="with --from: held out")
+    s.add_argument(
+        "--real",
+        action="store_true",
+        help="the real-surface benchmark set (photographs shipped by scikit-image)",
+    )
     s.add_argument("--categories", help="comma-separated categories (default: all)")
     s.add_argument("--image-size", type=int, default=256)
     s.add_argument("--train-good", type=int, default=60)
-    s.add_argument("--test-good", type=int, default=20)
-    s.add_argument("--test-defect", type=int, default=8, help="images per defect type")
+    s.add_argument("--test-good", type=int, help="default 20 (synthetic), 30 (--real)")
+    s.add_argument(
+        "--test-defect", type=int, help="images per defect type (default 8 synthetic, 5 else)"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from edge import typedconfig
 from edge.errors import ConfigError
 from train.backbones import BACKBONES
-from train.data import AUGMENTATIONS, load_good_images
+from train.data import AUGMENTATIONS, GoodImages, load_good_images
 from train.models import MODELS, build_model
 
 
@@ -46,6 +47,9 @@ class TrainConfig:
     max_steps: int = 300
     batch_size: int = 8
     lr: float = 2e-3
+    # "cosine": 5 % linear warm-up, then cosine decay to 0 at the last step (min of epochs x
+    # batches and max_steps), so a short CPU budget still ends on small, settling steps.
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
     weight_decay: float = 1e-5
     seed: int = 0
     val_fraction: float = 0.1
@@ -98,6 +102,16 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     source = str(path) if path is not None else "<command line>"
     return typedconfig.from_dict(TrainConfig, data, source=source)
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of the base lr before optimizer step `step` (0-based) of `total`."""
+    if schedule == "constant" or total <= 1:
+        return 1.0
+    warm = max(1, total // 20)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -196,14 +210,22 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         model = build_model(cfg.model, **model_args).to(device)
     except ValueError as exc:
         raise ConfigError(f"config: {exc}") from exc
+    resolved = typedconfig.to_dict(cfg)
+    typedconfig.dump(cfg, out / "config.yaml")
+    if hasattr(model, "fit_memory"):  # PatchCore: no optimiser, the bank is the model
+        return _fit_memory(model, cfg, train_set, val_set, data_info, resolved, device)
     # A model may split its parameters into groups (MTKD: importance logits at their own lr).
     if hasattr(model, "param_groups"):
         params = model.param_groups(cfg.lr)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    resolved = typedconfig.to_dict(cfg)
-    typedconfig.dump(cfg, out / "config.yaml")
+    total_steps = cfg.epochs * len(loader)
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_factor(cfg.lr_schedule, i, total_steps)
+    )
 
     history: list[dict] = []
     start_epoch, best_val, best_state, bad_epochs, step = 0, float("inf"), None, 0, 0
@@ -220,6 +242,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
             raise ConfigError(f"{last_path}: was trained on different data than {cfg.data}")
         model.load_state_dict(last["state_dict"])
         optimizer.load_state_dict(last["optimizer"])
+        scheduler.load_state_dict(last["scheduler"])
         history, start_epoch, step = last["history"], last["epoch"], last.get("step", 0)
         best_val, best_state, bad_epochs = last["best_val"], last["best_state"], last["bad_epochs"]
         _set_rng_state(last["rng"], loader_gen)
@@ -245,6 +268,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             total, n = total + loss.item() * len(x), n + len(x)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         train_loss = total / max(n, 1)
@@ -290,6 +314,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
                 "args": copy.deepcopy(model.args),
                 "state_dict": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
                 "epoch": epoch + 1,
                 "step": step,
                 "history": history,
@@ -305,6 +330,16 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     # ---- best checkpoint + reports
     if best_state is None:  # resumed a run that had already finished every epoch
         best_state = model.state_dict()
+    if hasattr(model, "fit_map_normalization"):
+        # Fitted on the best weights in eval mode (BN running statistics, as deployed), on
+        # held-out good images the student never trained on: what the line will look like.
+        model.load_state_dict(best_state)
+        model.eval()
+        with torch.no_grad():
+            model.fit_map_normalization(
+                x.to(device) for x in _plain_loader(val_set, train_set, cfg)
+            )
+        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     provenance = {
         **data_info,
         "epochs_run": len(history),
@@ -317,12 +352,23 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         "torch_version": str(torch.__version__),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    return _save(out, cfg, model, best_state, resolved, provenance, history)
+
+
+def _plain_loader(val_set, train_set, cfg: TrainConfig) -> torch.utils.data.DataLoader:
+    """Held-out good images (the training images when there are none), never augmented."""
+    ds = val_set if len(val_set) else GoodImages(train_set.files, cfg.image_size)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size)
+
+
+def _save(out: Path, cfg, model, state, resolved, provenance, history) -> Path:
+    """checkpoint.pt (best state, args, resolved config, provenance), history.json, loss.png."""
     ckpt_path = out / "checkpoint.pt"
     torch.save(
         {
             "kind": cfg.model,
             "args": copy.deepcopy(model.args),
-            "state_dict": best_state,
+            "state_dict": state,
             "config": resolved,
             "provenance": provenance,
             "history": history,
@@ -330,5 +376,26 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         ckpt_path,
     )
     (out / "history.json").write_text(json.dumps(history, indent=1))
-    _plot(history, out / "loss.png")
+    if history:
+        _plot(history, out / "loss.png")
     return ckpt_path
+
+
+def _fit_memory(model, cfg: TrainConfig, train_set, val_set, data_info, resolved, device) -> Path:
+    """A memory model (PatchCore): one pass over the good training images fills its bank."""
+    t0 = time.monotonic()
+    plain = GoodImages(train_set.files, cfg.image_size)  # no augmentation: the bank is exact
+    loader = torch.utils.data.DataLoader(plain, batch_size=cfg.batch_size)
+    bank = model.fit_memory((x.to(device) for x in tqdm(loader, desc="memory bank")), cfg.seed)
+    provenance = {
+        **data_info,
+        "epochs_run": 0,
+        "steps": 0,
+        "memory_bank": bank,
+        "seed": cfg.seed,
+        "train_seconds": round(time.monotonic() - t0, 1),
+        "torch_version": str(torch.__version__),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return _save(Path(cfg.out), cfg, model, state, resolved, provenance, [])

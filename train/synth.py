@@ -79,15 +79,19 @@ def _cover(sdf: np.ndarray) -> np.ndarray:
     return np.clip(0.5 - sdf, 0.0, 1.0).astype(np.float32)
 
 
-def _polyline_cover(size: int, pts: np.ndarray, width: float, weight: np.ndarray) -> np.ndarray:
-    """Coverage (size, size) of an anti-aliased polyline; `weight` per point fades it (0..1)."""
-    canvas = np.zeros((size * _SS, size * _SS), np.uint8)
+def _polyline_cover(
+    size: int | tuple[int, int], pts: np.ndarray, width: float, weight: np.ndarray
+) -> np.ndarray:
+    """Coverage (H,W) of an anti-aliased polyline (size = S or (H, W)); `weight` per point
+    fades it (0..1)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    canvas = np.zeros((h * _SS, w * _SS), np.uint8)
     p = np.rint(pts * _SS).astype(np.int32)
     thick = max(1, int(round(width * _SS)))
     for i in range(len(p) - 1):
         val = int(255 * 0.5 * (weight[i] + weight[i + 1]))
         cv2.line(canvas, tuple(map(int, p[i])), tuple(map(int, p[i + 1])), val, thick, cv2.LINE_AA)
-    small = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(canvas, (w, h), interpolation=cv2.INTER_AREA)
     return small.astype(np.float32) / 255.0
 
 

@@ -2,6 +2,9 @@
 `training_loss(x) -> scalar`, eval `forward(x) -> (anomaly_map (B,1,H,W), score (B,))`,
 x float32 (B,3,H,W) RGB 0..255. Optional `param_groups(lr) -> list[dict]`: the optimiser's
 parameter groups (train.fit uses them instead of one group of every trainable parameter).
+A memory model (patchcore) has no training loss: `fit_memory(batches)` fills it from good
+images instead. Optional `fit_map_normalization(batches)`: fitted after training, in eval mode,
+on held-out good images (train.fit calls it when present).
 """
 
 from __future__ import annotations
@@ -12,9 +15,15 @@ from torch import nn
 
 from train.models.dskd import DSKD
 from train.models.mtkd import MTKD
+from train.models.patchcore import PatchCore
 from train.models.stpm import STPM
 
-MODELS: dict[str, type[nn.Module]] = {"stpm": STPM, "dskd": DSKD, "mtkd": MTKD}
+MODELS: dict[str, type[nn.Module]] = {
+    "stpm": STPM,
+    "dskd": DSKD,
+    "mtkd": MTKD,
+    "patchcore": PatchCore,
+}
 
 
 def build_model(kind: str, **args) -> nn.Module:

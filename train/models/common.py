@@ -178,24 +178,54 @@ def combine(maps: list[torch.Tensor], how: str) -> torch.Tensor:
     return out.pow(1.0 / len(maps))
 
 
-class RunningScale(nn.Module):
-    """Per-term running mean of a non-negative map on the training data (like BN statistics).
+MAP_NORMS = ("quantile", "running", "none")
 
-    Terms of an anomaly map (scales, students, deviation vs reconstruction) live on different
-    scales on normal data; dividing each by its typical normal value before combining them
-    keeps one term from drowning the others. Updated in train mode only, by an exponential
-    moving average of each batch's mean; a constant Mul in the exported graph.
+
+def border_rings(h: int, w: int, rings: int) -> torch.Tensor:
+    """(h,w) long: distance in cells to the nearest edge, capped at `rings` (the interior)."""
+    y = torch.arange(h).view(h, 1)
+    x = torch.arange(w).view(1, w)
+    d = torch.minimum(torch.minimum(y, h - 1 - y), torch.minimum(x, w - 1 - x))
+    return d.clamp_max(rings)
+
+
+class MapNorm(nn.Module):
+    """Puts the terms of an anomaly map (scales, students, deviation vs reconstruction) on one
+    scale before they are combined, so no term drowns the others by its range alone.
+
+    Two ways, both a constant per-pixel affine map per term in the exported graph (Sub, Mul):
+      * "running" (`update`, train mode): divide by an exponential moving average of each
+        training batch's mean, taken while the students' BatchNorm is in train mode.
+      * "quantile" (`fit`, after training, eval mode, held-out good images): (t - q_a) /
+        (q_b - q_a) with q_a, q_b the 0.9 and 0.995 quantiles of the term on those images (as
+        EfficientAD): 0 is a typical good pixel, 1 the top of the good range. Measured on what
+        the deployed graph computes, on images the students never fitted, so a term that
+        generalises worse (noisier on unseen good parts) is damped rather than trusted. The
+        quantiles are taken per border ring (the outermost `rings` rings of cells and the
+        interior): zero padding makes the features at the image border behave differently,
+        and a single quantile would let the border light up on every good part.
+    `fit` wins once called; before either, terms pass unchanged.
+
+    Args:
+        shapes: (h_i, w_i) of each term.
+        rings: border rings normalised on their own.
     """
 
-    def __init__(self, n: int, momentum: float = 0.1):
+    Q_LO, Q_HI = 0.9, 0.995
+
+    def __init__(self, shapes: list[tuple[int, int]], momentum: float = 0.1, rings: int = 2):
         super().__init__()
-        self.momentum = float(momentum)
-        self.register_buffer("mean", torch.ones(n))
+        self.momentum, self.rings, self.n = float(momentum), int(rings), len(shapes)
+        self.register_buffer("mean", torch.ones(self.n))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        for i, (h, w) in enumerate(shapes):
+            self.register_buffer(f"lo{i}", torch.zeros(1, 1, h, w))
+            self.register_buffer(f"inv{i}", torch.ones(1, 1, h, w))
 
     @torch.no_grad()
     def update(self, terms: list[torch.Tensor]) -> None:
-        """Args: terms [(B,1,h_i,w_i)], one per tracked term (only in train mode)."""
+        """Running mean. Args: terms [(B,1,h_i,w_i)], one per tracked term (train mode)."""
         batch = torch.stack([t.detach().float().mean() for t in terms]).clamp_min(1e-8)
         if int(self.seen) == 0:
             self.mean.copy_(batch)  # first batch: no average over the ones of the init
@@ -203,6 +233,28 @@ class RunningScale(nn.Module):
             self.mean.lerp_(batch, self.momentum)
         self.seen += 1
 
+    @torch.no_grad()
+    def fit(self, batches: list[list[torch.Tensor]]) -> None:
+        """Quantile fit. Args: per batch, the terms [(B,1,h_i,w_i)] (eval mode, good images)."""
+        q = torch.tensor([self.Q_LO, self.Q_HI])
+        for i in range(self.n):
+            t = torch.cat([b[i].detach().float() for b in batches])  # (N,1,h,w)
+            ring = border_rings(t.shape[-2], t.shape[-1], self.rings)
+            lo, inv = getattr(self, f"lo{i}"), getattr(self, f"inv{i}")
+            for r in ring.unique().tolist():
+                v = t[..., ring == r].flatten()
+                if v.numel() > 4_000_000:  # torch.quantile's input limit; a strided sample
+                    v = v[:: v.numel() // 4_000_000 + 1]
+                a, b = torch.quantile(v, q).tolist()
+                lo[..., ring == r] = a
+                inv[..., ring == r] = 1.0 / max(b - a, 1e-6)
+        self.fitted.fill_(True)
+
     def forward(self, terms: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Divide term i by its running mean. Returns the scaled list."""
+        """Normalise term i. Returns the list, same shapes."""
+        if bool(self.fitted):
+            return [
+                (t - getattr(self, f"lo{i}")) * getattr(self, f"inv{i}")
+                for i, t in enumerate(terms)
+            ]
         return [t * (1.0 / self.mean[i]) for i, t in enumerate(terms)]

@@ -21,9 +21,10 @@ from torch import nn
 from train.backbones import BACKBONES, build_backbone
 from train.models.common import (
     COMBINE,
+    MAP_NORMS,
     GaussianBlur,
+    MapNorm,
     Normalize,
-    RunningScale,
     check_image_size,
     cosine_distance,
 )
@@ -152,8 +153,13 @@ class DSKD(nn.Module):
             (None = every scale: the pyramid matching).
         combine_scales: how a student's per-scale maps are combined: mean | max | product.
         combine_students: how the two students' maps are combined: mean | max | product.
-        normalize_maps: divide each (student, scale) map by its running mean on the training
-            data before combining, so neither student nor scale dominates by its range alone.
+        map_norm: how each (student, scale) map is normalised before combining, so neither
+            student nor scale dominates by its range alone (train.models.common.MapNorm):
+            "quantile" (fitted after training on held-out good images, eval mode), "running"
+            (running mean of training batches, train mode), "none".
+        hard_fraction: the loss at each scale is the mean over this top fraction of the
+            hardest positions (1.0 = plain mean): the image score is the map's maximum, so the
+            positions the students imitate worst on good parts are the ones that matter.
         embed_channels: channels of the embedding.
         decoder_width: Sd's hidden width per scale, as a multiple of the teacher's channels.
         decoder_depth: 3x3 conv blocks per Sd scale.
@@ -174,7 +180,8 @@ class DSKD(nn.Module):
         match_scales: list[int] | None = None,
         combine_scales: str = "mean",
         combine_students: str = "mean",
-        normalize_maps: bool = True,
+        map_norm: str = "quantile",
+        hard_fraction: float = 1.0,
         embed_channels: int = 128,
         decoder_width: float = 1.0,
         decoder_depth: int = 1,
@@ -195,6 +202,12 @@ class DSKD(nn.Module):
         ):
             if val not in COMBINE:
                 raise ValueError(f"dskd: {key} must be one of {', '.join(COMBINE)}, got {val!r}")
+        if map_norm not in MAP_NORMS:
+            raise ValueError(
+                f"dskd: map_norm must be one of {', '.join(MAP_NORMS)}, got {map_norm!r}"
+            )
+        if not 0 < hard_fraction <= 1:
+            raise ValueError(f"dskd: hard_fraction must be in (0, 1], got {hard_fraction!r}")
         if embed_channels < 8 or decoder_width <= 0 or decoder_depth < 0:
             raise ValueError("dskd: embed_channels >= 8, decoder_width > 0, decoder_depth >= 0")
         stages = list(BACKBONES[backbone].default_stages if stages is None else stages)
@@ -214,7 +227,8 @@ class DSKD(nn.Module):
             match_scales=match,
             combine_scales=combine_scales,
             combine_students=combine_students,
-            normalize_maps=bool(normalize_maps),
+            map_norm=map_norm,
+            hard_fraction=float(hard_fraction),
             embed_channels=int(embed_channels),
             decoder_width=float(decoder_width),
             decoder_depth=int(decoder_depth),
@@ -236,9 +250,10 @@ class DSKD(nn.Module):
         self.match = match
         self.match_strides = [st[i] for i in match]
         self.interaction = interaction
-        self.normalize_maps = normalize_maps
+        self.map_norm, self.hard_fraction = map_norm, hard_fraction
         self.combine_scales, self.combine_students = combine_scales, combine_students
-        self.scale = RunningScale(len(self.active) * len(match))
+        side = [image_size // st[i] for i in match]
+        self.scale = MapNorm([(h, h) for _ in self.active for h in side])
         self.size = (image_size, image_size)
         self.normalize = Normalize(self.teacher.mean, self.teacher.std)
         self.blur = GaussianBlur(sigma, self.size)
@@ -259,14 +274,24 @@ class DSKD(nn.Module):
     def training_loss(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (B,3,S,S) 0..255. Returns: scalar pyramid-matching loss of both students."""
         d = self.distances(x)
-        if self.training:
+        if self.training and self.map_norm == "running":
             self.scale.update([m for k in self.active for m in d[k]])
-        return dskd_loss(d)
+        return dskd_loss(d, self.hard_fraction)
+
+    @torch.no_grad()
+    def fit_map_normalization(self, batches) -> None:
+        """Quantile normalisation from held-out good images (eval mode); see MapNorm."""
+        if self.map_norm == "quantile":
+            terms = []
+            for x in batches:
+                d = self.distances(x)
+                terms.append([m for k in self.active for m in d[k]])
+            self.scale.fit(terms)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: x (B,3,S,S) float 0..255. Returns: anomaly_map (B,1,S,S), score (B,)."""
         d = self.distances(x)
-        if self.normalize_maps:
+        if self.map_norm != "none":
             n = len(self.match)
             flat = self.scale([m for k in self.active for m in d[k]])
             d = {k: flat[j * n : (j + 1) * n] for j, k in enumerate(self.active)}

@@ -24,9 +24,10 @@ from torch import nn
 
 from train.backbones import BACKBONES, build_backbone
 from train.models.common import (
+    MAP_NORMS,
     GaussianBlur,
+    MapNorm,
     Normalize,
-    RunningScale,
     check_image_size,
     cosine_distance,
     l2_normalize,
@@ -87,7 +88,8 @@ class MTKD(nn.Module):
         weight_lr: learning rate of the importance logits (the rest uses the config's lr).
         ae_scale: index into the scales of the grid the autoencoder works on (None = middle).
         ae_hidden, ae_bottleneck: autoencoder widths.
-        normalize_maps: divide each map term by its running mean on the training data.
+        map_norm: how each map term is normalised before the sum (common.MapNorm):
+            "quantile" (after training, held-out good images, eval mode), "running", "none".
         sigma: Gaussian smoothing of the anomaly map in pixels (0 = none).
         teacher_weights: per teacher, a local state-dict file or None (None = registry weights).
         pretrained: load the teachers' pretrained weights (False when loading a checkpoint).
@@ -108,7 +110,7 @@ class MTKD(nn.Module):
         ae_scale: int | None = None,
         ae_hidden: int = 128,
         ae_bottleneck: int = 32,
-        normalize_maps: bool = True,
+        map_norm: str = "quantile",
         sigma: float = 4.0,
         teacher_weights: list[str | None] | None = None,
         pretrained: bool = True,
@@ -122,6 +124,10 @@ class MTKD(nn.Module):
             raise ValueError(f"mtkd: needs two or more different teachers, got {teachers}")
         if weights not in WEIGHTS:
             raise ValueError(f"mtkd: weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        if map_norm not in MAP_NORMS:
+            raise ValueError(
+                f"mtkd: map_norm must be one of {', '.join(MAP_NORMS)}, got {map_norm!r}"
+            )
         if recon_weight < 0 or weight_temperature <= 0 or weight_lr <= 0:
             raise ValueError("mtkd: recon_weight >= 0, weight_temperature > 0, weight_lr > 0")
         tw = list(teacher_weights) if teacher_weights is not None else [None] * len(teachers)
@@ -157,7 +163,7 @@ class MTKD(nn.Module):
             ae_scale=ae_scale,
             ae_hidden=int(ae_hidden),
             ae_bottleneck=int(ae_bottleneck),
-            normalize_maps=bool(normalize_maps),
+            map_norm=map_norm,
             sigma=float(sigma),
             teacher_weights=tw,
         )
@@ -182,9 +188,12 @@ class MTKD(nn.Module):
         self.recon_weight = recon_weight
         self.temperature = weight_temperature
         self.weight_lr = weight_lr
-        self.normalize_maps = normalize_maps
+        self.map_norm = map_norm
         k = len(teachers)
-        self.scale = RunningScale(k * n_scales + (k if self.use_ae else 0))
+        side = [image_size // st for st in strides] * k + [image_size // self.ae_stride] * (
+            k if self.use_ae else 0
+        )
+        self.scale = MapNorm([(h, h) for h in side])
         self.size = (image_size, image_size)
         self.norm_student = Normalize(self.student.mean, self.student.std)
         self.norm_teachers = nn.ModuleList(Normalize(t.mean, t.std) for t in self.teachers)
@@ -254,9 +263,20 @@ class MTKD(nn.Module):
             loss = loss + (w * errors).sum()  # trains the autoencoder
             if self.learned and self.training:
                 loss = loss + weight_objective(errors.detach(), self.logits, self.temperature)
-        if self.training:
+        if self.training and self.map_norm == "running":
             self.scale.update([d for per in dev for d in per] + (rec or []))
         return loss
+
+    @torch.no_grad()
+    def fit_map_normalization(self, batches) -> None:
+        """Quantile normalisation from held-out good images (eval mode); see MapNorm."""
+        if self.map_norm == "quantile":
+            w = self.importance()
+            terms = []
+            for x in batches:
+                dev, rec = self.terms(x, w)
+                terms.append([d for per in dev for d in per] + (rec or []))
+            self.scale.fit(terms)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: x (B,3,S,S) float 0..255. Returns: anomaly_map (B,1,S,S), score (B,)."""
@@ -264,7 +284,7 @@ class MTKD(nn.Module):
         dev, rec = self.terms(x, w)
         if not self.reconstruction:
             rec = None
-        if self.normalize_maps:
+        if self.map_norm != "none":
             n = len(self.strides)
             flat = self.scale([d for per in dev for d in per] + (rec or []))
             dev = [flat[k * n : (k + 1) * n] for k in range(len(dev))]

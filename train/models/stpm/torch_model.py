@@ -24,6 +24,7 @@ class STPM(nn.Module):
             (1, 2, 4): 24/40/112 channels at strides 4/8/16, the same pyramid levels as STPM's
             ResNet layer1-3. Stride 32 is too coarse to localise small defects; stride 2 is
             mostly edges and noise).
+        combine_scales: "product" of the per-scale maps (the paper) or "mean".
         sigma: Gaussian smoothing of the anomaly map in pixels (0 = none).
         teacher_weights: local state-dict file for the teacher (None = the registry's weights).
         pretrained: load the teacher's pretrained weights. load_checkpoint passes False, as the
@@ -36,11 +37,16 @@ class STPM(nn.Module):
         backbone: str = "efficientnet_lite0",
         image_size: int = 256,
         stages: list[int] | None = None,
+        combine_scales: str = "product",
         sigma: float = 4.0,
         teacher_weights: str | None = None,
         pretrained: bool = True,
     ):
         super().__init__()
+        if combine_scales not in ("product", "mean"):
+            raise ValueError(
+                f"stpm: combine_scales must be product or mean, got {combine_scales!r}"
+            )
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r} (valid: {', '.join(BACKBONES)})")
         stages = list(BACKBONES[backbone].default_stages if stages is None else stages)
@@ -48,6 +54,7 @@ class STPM(nn.Module):
             backbone=backbone,
             image_size=image_size,
             stages=stages,
+            combine_scales=combine_scales,
             sigma=float(sigma),
             teacher_weights=teacher_weights,
         )
@@ -75,4 +82,6 @@ class STPM(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: x (B,3,S,S) float 0..255. Returns: anomaly_map (B,1,S,S), score (B,)."""
         t, s = self.features(x)
-        return stpm_anomaly_map(t, s, self.size, self.blur, self.teacher.strides)
+        return stpm_anomaly_map(
+            t, s, self.size, self.blur, self.teacher.strides, self.args["combine_scales"]
+        )
