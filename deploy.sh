@@ -7,6 +7,7 @@
 #   ./deploy.sh TARGET --stop [--prefix DIR]
 #
 # TARGET is user@host, host, or `local` (this machine, no ssh). See docs/deploy.md.
+# The systemd unit runs as --user (default: the system user `lineinspect`, created on the device).
 # Environment: DEPLOY_SSH_OPTS (extra ssh options, e.g. "-p 2222 -i key"), DEPLOY_PIP_OPTS (extra
 # pip options on the device, e.g. "--index-url http://mirror/simple"), DEPLOY_PYTHON (workstation
 # python that stages the release; default .venv/bin/python, else python3).
@@ -25,6 +26,13 @@ DRY=0
 HEALTH_TIMEOUT=60
 KEEP=5
 UNIT_USER=""
+SERVICE_USER=lineinspect # the unit's user when --user is not given; created by the install step
+# What may reach ssh, the device's shell scripts, file names and the systemd unit. Checked here,
+# again on the device (remote.sh), and names in the config by deploy/stage.py.
+USER_RE='^[a-z_][a-z0-9_-]{0,31}$'
+HOST_RE='^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$'
+PATH_RE='^(/[A-Za-z0-9_.+-]+)+$'
+ID_RE='^[0-9a-f]{12}$'
 
 STAGE=""
 PHASE=start  # how far a deploy got: decides what a failure rolls back
@@ -32,6 +40,8 @@ STOPPED_OLD=0
 OLD_CURRENT=""
 OLD_PREVIOUS=""
 OLD_MODE=""
+OLD_USER=""
+CREDENTIALS_CHANGED=0
 NSTEPS=11
 STEP=0
 SSH=(ssh)
@@ -41,6 +51,11 @@ usage() {
   sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   exit "${1:-0}"
 }
+
+q() { printf '%q' "$1"; } # a value shown in a message: one line, whatever it holds
+
+# A URI's password never reaches the terminal or a log: scheme://user:***@host.
+redact() { sed -E 's#(://[^/:@[:space:]]*):[^/[:space:]]*@#\1:***@#g'; }
 
 die() { # bad arguments or inputs: exit 2
   printf 'error: %s\n' "$*" >&2
@@ -93,12 +108,26 @@ parse_args() {
     esac
     shift
   done
-  case $PRECISION in "" | fp32 | fp16 | int8) ;; *) die "--precision: fp32, fp16 or int8, not $PRECISION" ;; esac
-  [[ $HEALTH_TIMEOUT =~ ^[0-9]+$ ]] || die "--health-timeout: whole seconds, not $HEALTH_TIMEOUT"
-  if ! [[ $KEEP =~ ^[0-9]+$ ]] || [ "$KEEP" -lt 2 ]; then die "--keep: at least 2, not $KEEP"; fi
-  [[ $PREFIX == /* ]] || die "--prefix must be an absolute path on the device, not $PREFIX"
+  check_target
+  case $PRECISION in "" | fp32 | fp16 | int8) ;; *) die "--precision: fp32, fp16 or int8, not $(q "$PRECISION")" ;; esac
+  [[ $HEALTH_TIMEOUT =~ ^[0-9]+$ ]] || die "--health-timeout: whole seconds, not $(q "$HEALTH_TIMEOUT")"
+  if ! [[ $KEEP =~ ^[0-9]+$ ]] || [ "$KEEP" -lt 2 ]; then die "--keep: at least 2, not $(q "$KEEP")"; fi
+  [[ $PREFIX == /* ]] || die "--prefix must be an absolute path on the device, not $(q "$PREFIX")"
+  # The prefix is written into the systemd unit (where '%' and spaces are syntax) and rm -rf'd
+  # under: plain path components only.
+  if ! [[ $PREFIX =~ $PATH_RE ]] || [[ /$PREFIX/ == */../* || /$PREFIX/ == */./* ]]; then
+    die "--prefix: $(q "$PREFIX") is not a plain absolute path (letters, digits, _ . + - between" \
+      "slashes, no . or ..)"
+  fi
+  [[ $DEVICE_PY =~ ^[A-Za-z0-9_./+-]+$ ]] || die "--python: $(q "$DEVICE_PY") is not a command name or path"
   if [ -n "$UNIT_USER" ] && [ "$MODE" = supervisor ]; then
     die "--user sets the systemd unit's user; with --no-service the station runs as the login user"
+  fi
+  if [ -n "$UNIT_USER" ] && ! [[ $UNIT_USER =~ $USER_RE ]]; then
+    die "--user: $(q "$UNIT_USER") is not a user name (a-z, 0-9, _ -, at most 32)"
+  fi
+  if [ "$ACTION" = deploy ] && [ "$MODE" = service ] && [ -z "$UNIT_USER" ]; then
+    UNIT_USER=$SERVICE_USER
   fi
   if [ "$ACTION" = deploy ]; then
     [ -n "$BUNDLE" ] || die "--bundle DIR is required (or --rollback / --stop)"
@@ -115,6 +144,21 @@ parse_args() {
   fi
 }
 
+# TARGET reaches ssh and rsync as an argument: one starting with '-' would be an option
+# (-oProxyCommand=... runs a command here). Only `local`, host or user@host get through.
+check_target() {
+  [ "$TARGET" = local ] && return 0
+  local user="" host=$TARGET
+  if [[ $TARGET == *@* ]]; then
+    user=${TARGET%%@*}
+    host=${TARGET#*@}
+  fi
+  if [[ $TARGET == *@* ]] && ! [[ $user =~ $USER_RE ]] || ! [[ $host =~ $HOST_RE ]]; then
+    die "TARGET: $(q "$TARGET") is not local, host or user@host (host: letters, digits, _ . -," \
+      "not starting with -; for IPv6 or odd names use a Host alias in ~/.ssh/config)"
+  fi
+}
+
 # Run deploy/remote.sh COMMAND ARGS on the device: piped through ssh, or directly for `local`.
 remote() {
   local args=(--prefix "$PREFIX" --python "$DEVICE_PY")
@@ -126,24 +170,64 @@ remote() {
   if [ "$TARGET" = local ]; then
     bash "$REPO/deploy/remote.sh" "${args[@]}"
   else
-    "${SSH[@]}" "$TARGET" "bash -s --$(printf ' %q' "${args[@]}")" <"$REPO/deploy/remote.sh"
+    "${SSH[@]}" -- "$TARGET" "bash -s --$(printf ' %q' "${args[@]}")" <"$REPO/deploy/remote.sh"
   fi
 }
 
-indent() { sed 's/^/    /'; }
+# remote ARGS with FILE on the command's stdin (remote() pipes the script itself through ssh's
+# stdin): runs the remote.sh the release just shipped. For a secret: it never is an argument.
+remote_with_input() {
+  local file=$1
+  shift
+  local args=(--prefix "$PREFIX" --python "$DEVICE_PY")
+  [ -n "$UNIT_USER" ] && args+=(--user "$UNIT_USER")
+  args+=("$@")
+  if [ "$DRY" = 1 ]; then
+    remote "$@" </dev/null
+  elif [ "$TARGET" = local ]; then
+    bash "$REPO/deploy/remote.sh" "${args[@]}" <"$file"
+  else
+    "${SSH[@]}" -- "$TARGET" \
+      "bash $(printf '%q' "$PREFIX/releases/$REL_ID/deploy/remote.sh")$(printf ' %q' "${args[@]}")" <"$file"
+  fi
+}
+
+indent() { redact | sed 's/^/    /'; }
 
 # Read `fact key=value` lines of remote output into FACT_key variables; print the other lines.
+# The device's output is data: only these keys are read, each by a plain assignment (a key used
+# as a variable name, e.g. by printf -v, runs any $(...) in an array subscript).
 read_facts() {
-  local line
+  local line value rest=""
   while IFS= read -r line; do
+    value=${line#fact *=}
     case $line in
-      "fact "*)
-        line=${line#fact }
-        printf -v "FACT_${line%%=*}" '%s' "${line#*=}"
-        ;;
-      *) printf '%s\n' "$line" ;;
+      "fact current="*) FACT_current=$value ;;
+      "fact previous="*) FACT_previous=$value ;;
+      "fact mode="*) FACT_mode=$value ;;
+      "fact tensorrt="*) FACT_tensorrt=$value ;;
+      "fact user="*) FACT_user=$value ;;
+      "fact "*) ;; # a fact this deploy.sh does not know: ignored
+      *) rest+="$line"$'\n' ;;
     esac
   done
+  printf '%s' "$rest" | redact
+}
+
+# current/previous/mode facts into OLD_*; a release id the device reports must look like one.
+take_facts() {
+  local name id
+  OLD_CURRENT=${FACT_current:-}
+  OLD_PREVIOUS=${FACT_previous:-}
+  for name in current previous; do
+    if [ "$name" = current ]; then id=$OLD_CURRENT; else id=$OLD_PREVIOUS; fi
+    if [ -n "$id" ] && ! [[ $id =~ $ID_RE ]]; then
+      die "$TARGET:$PREFIX/$name -> $(q "$id") is not a release id: fix or remove that link"
+    fi
+  done
+  case ${FACT_mode:-} in "" | service | supervisor) OLD_MODE=${FACT_mode:-} ;; *) OLD_MODE="" ;; esac
+  OLD_USER=""
+  if [[ ${FACT_user:-} =~ $USER_RE ]]; then OLD_USER=$FACT_user; fi
 }
 
 # ------------------------------------------------------------------------------------- steps
@@ -154,12 +238,28 @@ step_stage() {
     if [ -x "$REPO/.venv/bin/python" ]; then py="$REPO/.venv/bin/python"; else py=python3; fi
   fi
   STAGE=$(mktemp -d "${TMPDIR:-/tmp}/lineinspect-release.XXXXXX")
-  local info
-  info=$("$py" "$REPO/deploy/stage.py" --repo "$REPO" --config "$CONFIG" --bundle "$BUNDLE" \
-    --prefix "$PREFIX" ${PRECISION:+--precision "$PRECISION"} --out "$STAGE/release" --shell) ||
-    exit 2 # stage.py said why, in one `error:` line
-  # stage.py prints shell assignments quoted with shlex.quote: REL_ID=..., REL_LINE=..., ...
-  eval "$info"
+  "$py" "$REPO/deploy/stage.py" --repo "$REPO" --config "$CONFIG" --bundle "$BUNDLE" \
+    --prefix "$PREFIX" ${PRECISION:+--precision "$PRECISION"} --out "$STAGE/release" --shell \
+    >"$STAGE/info" || exit 2 # stage.py said why, in one `error:` line
+  # REL_KEY=value lines, read as data by a fixed list of keys (never eval'd).
+  local line value
+  while IFS= read -r line; do
+    value=${line#*=}
+    case ${line%%=*} in
+      REL_ID) REL_ID=$value ;;
+      REL_LINE) REL_LINE=$value ;;
+      REL_STATION) REL_STATION=$value ;;
+      REL_MODEL) REL_MODEL=$value ;;
+      REL_BACKEND) REL_BACKEND=$value ;;
+      REL_PRECISION) REL_PRECISION=$value ;;
+      REL_SOURCE) REL_SOURCE=$value ;;
+      REL_CAMERA) REL_CAMERA=$value ;;
+      REL_EXCLUSIVE) REL_EXCLUSIVE=$value ;;
+      REL_BYTES) REL_BYTES=$value ;;
+      REL_CREDENTIALS) REL_CREDENTIALS=$value ;;
+    esac
+  done <"$STAGE/info"
+  [[ ${REL_ID:-} =~ $ID_RE ]] || fail "deploy/stage.py gave no release id"
   STATION_ID="$REL_LINE/$REL_STATION"
   chmod 755 "$STAGE/release" # the staged root is mkdtemp's 0700; the station user must read it
   step "stage: release $REL_ID: model $REL_MODEL, station $STATION_ID, backend $REL_BACKEND" \
@@ -176,7 +276,7 @@ step_preflight() {
   }
   if [ "$TARGET" != local ]; then
     local err
-    if err=$("${SSH[@]}" "$TARGET" true 2>&1); then
+    if err=$("${SSH[@]}" -- "$TARGET" true 2>&1); then
       printf 'ok    %-10s %s\n' ssh "$TARGET reachable"
     else
       printf 'FAIL  %-10s %s\n' ssh "$TARGET: $(printf '%s' "$err" | tail -n1)"
@@ -187,9 +287,7 @@ step_preflight() {
   out=$(remote preflight --service "$([ "$MODE" = service ] && echo yes || echo no)" \
     --camera "$REL_CAMERA" --need-bytes "$need" --backend "$REL_BACKEND" 2>&1) || rc=$?
   read_facts <<<"$out"
-  OLD_CURRENT=${FACT_current:-}
-  OLD_PREVIOUS=${FACT_previous:-}
-  OLD_MODE=${FACT_mode:-}
+  take_facts
   if [ "$rc" != 0 ] || [ "$fails" != 0 ]; then
     fail "preflight failed: nothing was changed on $TARGET"
   fi
@@ -209,10 +307,11 @@ step_ship() {
   if [ "$TARGET" = local ]; then
     rsync+=("$STAGE/release/" "$dest")
   else
-    rsync+=(-e "$RSYNC_RSH" "$STAGE/release/" "$TARGET:$dest")
+    rsync+=(-e "$RSYNC_RSH" -- "$STAGE/release/" "$TARGET:$dest")
   fi
   if [ "$DRY" = 1 ]; then
     run "${rsync[@]}"
+    ship_private
     return 0
   fi
   local changes
@@ -224,6 +323,19 @@ step_ship() {
   else
     echo "    $changes files and folders created or updated"
   fi
+  ship_private
+}
+
+# The release's owner-only files (a config with a camera password, a TLS key) readable by the
+# service user too; the broker credentials to their own file outside the release.
+ship_private() {
+  remote private-files "$REL_ID" 2>&1 | indent
+  [ -n "${REL_CREDENTIALS:-}" ] || return 0
+  local out
+  out=$(remote_with_input "$STAGE/credentials.yaml" credentials "$REL_CREDENTIALS" 2>&1)
+  printf '%s\n' "$out" | grep -v '^fact ' | indent
+  # New credentials with the same release: the station must restart to use them.
+  if grep -qx 'fact credentials=changed' <<<"$out"; then CREDENTIALS_CHANGED=1; fi
 }
 
 step_venv() {
@@ -338,6 +450,7 @@ on_exit() {
 
 restore_old() { # runs under set +e (from on_exit): each step only if the one before worked
   local mode=${OLD_MODE:-$MODE} ok=0
+  if [ "$mode" = service ]; then UNIT_USER=${OLD_USER:-$UNIT_USER}; else UNIT_USER=""; fi
   if remote install-service "$OLD_CURRENT" "$mode" 2>&1 | indent &&
     remote start "$mode" 2>&1 | indent &&
     remote health "$OLD_CURRENT" "$mode" "$HEALTH_TIMEOUT" 2>&1 | indent; then
@@ -357,7 +470,8 @@ do_deploy() {
   step_ship
   step_venv
   step_engine
-  if [ "$DRY" = 0 ] && [ "$OLD_CURRENT" = "$REL_ID" ] && remote is-live "$REL_ID" "$MODE"; then
+  if [ "$DRY" = 0 ] && [ "$OLD_CURRENT" = "$REL_ID" ] && [ "$CREDENTIALS_CHANGED" = 0 ] &&
+    remote is-live "$REL_ID" "$MODE"; then
     PHASE=finished
     echo "== release $REL_ID is already current and online on $TARGET: nothing changed"
     return 0
@@ -380,10 +494,10 @@ do_rollback() {
   local out
   out=$(remote facts)
   read_facts <<<"$out"
-  OLD_CURRENT=${FACT_current:-}
-  OLD_PREVIOUS=${FACT_previous:-}
-  OLD_MODE=${FACT_mode:-}
+  take_facts
   MODE=${OLD_MODE:-$MODE}
+  # The unit's user, as the deploy that installed it recorded it: check and health run as it.
+  if [ "$MODE" = service ]; then UNIT_USER=${UNIT_USER:-${OLD_USER:-$SERVICE_USER}}; else UNIT_USER=""; fi
   [ -n "$OLD_CURRENT" ] || die "$TARGET:$PREFIX has no current release"
   [ -n "$OLD_PREVIOUS" ] || die "$TARGET:$PREFIX has no previous release to roll back to"
   REL_ID=$OLD_PREVIOUS

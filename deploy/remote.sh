@@ -9,14 +9,18 @@
 #   releases/<id>/   code/ bundle/ files/ deploy/ station.yaml RELEASE, venv -> ../../venvs/<key>
 #   current, previous  links to releases/<id>; each is switched atomically (rename of a new link)
 #   venvs/<key>/     one per (requirements, python, arch): shared by releases that need the same
-#   shared/          station (line/name), mode, engines/ (TensorRT cache), station.env (secrets,
-#                    written by you, never shipped)
+#   shared/          station (line/name), mode, user, engines/ (TensorRT cache), station.env
+#                    (environment, written by you, never shipped)
+#   credentials/     <line>-<name>.yaml: the broker user/password moved out of the release
+#                    config, 0600, owned by the station's user
 #   data/            what the station writes: spool.sqlite, evidence (owned by --user)
 #   run/             started, and for --no-service: supervisor.pid, restarts, station.log
 #   deploy.log       one line per switch, rollback and failed release
 #
 # sudo (non-interactive, `sudo -n`) is used only where root is needed: creating PREFIX when its
-# parent is not writable, handing data/ to a station --user, the systemd unit, journalctl.
+# parent is not writable, creating the service user, handing data/ and the credentials to it,
+# running `edge check` and the health check as it, the systemd unit, journalctl.
+# The station itself never runs as root under systemd: see lineinspect.service.in.
 # With --dry-run every command that would change the device is printed, not run; read-only probes
 # (versions, free disk, whether a venv exists, whether the station is online) still run.
 set -euo pipefail
@@ -28,6 +32,13 @@ PIP_OPTS=""
 STATION=""    # line/name of the station being deployed ('' = what the prefix holds)
 STATION_USER="" # user of the systemd unit ('' = the login user; --no-service: always it)
 SUDO=()       # sudo -n when not root
+SERVICE_USER=lineinspect # the system user the install step creates when it is the unit's user
+# Values that reach file names, the unit and messages: checked here too, whoever called us.
+NAME_RE='[A-Za-z0-9][A-Za-z0-9_.-]{0,63}'
+STATION_RE="^$NAME_RE/$NAME_RE\$"
+USER_RE='^[a-z_][a-z0-9_-]{0,31}$'
+PATH_RE='^(/[A-Za-z0-9_.+-]+)+$'
+ID_RE='^[0-9a-f]{12}$'
 
 say() { printf '%s\n' "$*"; }
 ok() { printf 'ok    %-10s %s\n' "$1" "$2"; }
@@ -36,6 +47,12 @@ die() {
   printf 'error: %s\n' "$*" >&2
   exit 1
 }
+refuse() { # hostile or malformed input: nothing was done
+  printf 'error: %s\n' "$*" >&2
+  exit 2
+}
+q() { printf '%q' "$1"; }
+plain_path() { [[ $1 =~ $PATH_RE ]] && [[ /$1/ != */../* && /$1/ != */./* ]]; }
 
 # Run a command that changes the device, or print it under --dry-run.
 run() {
@@ -89,7 +106,28 @@ station_id() { # line/name: from --station, else from what the prefix holds
   if [ -n "$STATION" ]; then
     printf '%s' "$STATION"
   else
-    cat "$PREFIX/shared/station" 2>/dev/null || die "$PREFIX/shared/station: no station deployed here"
+    local held
+    held=$(cat "$PREFIX/shared/station" 2>/dev/null) || die "$PREFIX/shared/station: no station deployed here"
+    [[ $held =~ $STATION_RE ]] || refuse "$PREFIX/shared/station: $(q "$held") is not line/name"
+    printf '%s' "$held"
+  fi
+}
+
+# The user the station runs as, when it is not the login user ('' when it is).
+station_user() {
+  if [ -n "$STATION_USER" ] && [ "$STATION_USER" != "$(id -un)" ]; then printf '%s' "$STATION_USER"; fi
+}
+
+# Command prefix that runs what follows as the station's user.
+as_station() {
+  local user
+  user=$(station_user)
+  if [ -z "$user" ]; then
+    AS_STATION=()
+  elif [ "$(id -u)" = 0 ]; then
+    AS_STATION=(runuser -u "$user" --)
+  else
+    AS_STATION=(sudo -n -u "$user" --)
   fi
 }
 
@@ -230,14 +268,22 @@ cmd_preflight() {
       ok systemd "$(systemctl --version | head -n1)"
     fi
   fi
-  if [ -n "$STATION_USER" ] && ! id "$STATION_USER" >/dev/null 2>&1; then
-    bad user "no user $STATION_USER on the device"
+  if [ -n "$STATION_USER" ] && id "$STATION_USER" >/dev/null 2>&1; then
+    ok user "the station runs as $STATION_USER ($(id -nG "$STATION_USER" | tr ' ' ','))"
+  elif [ "$STATION_USER" = "$SERVICE_USER" ]; then
+    ok user "the station will run as $SERVICE_USER: a system user created now (group video)"
+  elif [ -n "$STATION_USER" ]; then
+    bad user "no user $STATION_USER on the device (only $SERVICE_USER is created by deploy)"
     fails=$((fails + 1))
   fi
 
   local held
   held=$(cat "$PREFIX/shared/station" 2>/dev/null || true)
-  if [ -n "$STATION" ] && [ -n "$held" ] && [ "$held" != "$STATION" ]; then
+  if [ -n "$held" ] && ! [[ $held =~ $STATION_RE ]]; then
+    # Not echoed as it is: it goes back to deploy.sh as lines of output.
+    bad station "$PREFIX/shared/station holds $(q "$held"), not line/name: fix or remove it"
+    fails=$((fails + 1))
+  elif [ -n "$STATION" ] && [ -n "$held" ] && [ "$held" != "$STATION" ]; then
     bad station "$PREFIX holds station $held, not $STATION: one station per --prefix"
     fails=$((fails + 1))
   fi
@@ -252,6 +298,7 @@ cmd_facts() {
   say "fact current=$(link_id current)"
   say "fact previous=$(link_id previous)"
   say "fact mode=$(mode_of_prefix)"
+  say "fact user=$(cat "$PREFIX/shared/user" 2>/dev/null || true)"
 }
 
 cmd_prepare() {
@@ -267,11 +314,66 @@ cmd_prepare() {
   if [ ! -f "$PREFIX/shared/station" ]; then
     printf '%s\n' "$(station_id)" | write_file "$PREFIX/shared/station"
   fi
-  # A station running as another user writes its spool (and evidence) under data/.
-  if [ -n "$STATION_USER" ] && [ "$STATION_USER" != "$(id -un)" ] &&
-    [ "$(stat -c %U "$PREFIX/data" 2>/dev/null || true)" != "$STATION_USER" ]; then
-    run "${SUDO[@]}" chown -R "$STATION_USER" "$PREFIX/data"
+  if [ -n "$STATION_USER" ] && [ "$(cat "$PREFIX/shared/user" 2>/dev/null || true)" != "$STATION_USER" ]; then
+    printf '%s\n' "$STATION_USER" | write_file "$PREFIX/shared/user"
   fi
+  if [ "$STATION_USER" = "$SERVICE_USER" ] && ! id "$SERVICE_USER" >/dev/null 2>&1; then
+    # No login, no home, no password: a user that only runs the station.
+    run "${SUDO[@]}" useradd --system --user-group --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin --comment "LineInspect station" "$SERVICE_USER"
+    if getent group video >/dev/null; then run "${SUDO[@]}" usermod -aG video "$SERVICE_USER"; fi
+  fi
+  # A station running as another user writes its spool (and evidence) under data/.
+  if [ -n "$(station_user)" ] &&
+    [ "$(stat -c %U "$PREFIX/data" 2>/dev/null || true)" != "$STATION_USER" ]; then
+    run "${SUDO[@]}" chown -R "$STATION_USER:" "$PREFIX/data"
+  fi
+}
+
+# Files of release ID that stage.py made owner-only (a config holding a camera's password, a
+# TLS key): readable by the station's user through its own group, by nobody else.
+cmd_private_files() { # ID
+  local rel="$PREFIX/releases/$1" user f
+  user=$(station_user)
+  [ -n "$user" ] || return 0
+  if [ "$DRY" = 1 ] && [ ! -d "$rel" ]; then
+    say "[dry-run] owner-only files of releases/$1: group $user, mode 0640"
+    return 0
+  fi
+  while IFS= read -r -d '' f; do
+    run "${SUDO[@]}" chgrp "$(id -gn "$user")" "$f"
+    run chmod 0640 "$f"
+  done < <(find "$rel" -type f -perm 0600 -print0)
+}
+
+# NAME: the broker credentials from stdin (fd 3) to PREFIX/credentials/NAME, 0600, owned by the
+# station's user. Written to a new file and renamed: never readable by others, never half there.
+cmd_credentials() { # NAME
+  local name=$1 dir="$PREFIX/credentials" user owner
+  [[ $name =~ ^$NAME_RE-$NAME_RE\.yaml$ ]] || refuse "credentials: $(q "$name") is not <line>-<name>.yaml"
+  user=$(station_user)
+  owner=${user:-$(id -un)}
+  if [ "$DRY" = 1 ]; then
+    say "[dry-run] write $dir/$name (0600, owner $owner): the broker user name and password"
+    return 0
+  fi
+  [ -d "$dir" ] || mkdir -p "$dir"
+  local root=()
+  if [ -n "$user" ]; then
+    root=("${SUDO[@]}")
+    chmod 0711 "$dir" # the station's user opens its own file by name; nobody lists the folder
+  else
+    chmod 0700 "$dir"
+  fi
+  # shellcheck disable=SC2016 # $1, $2 are the inner shell's arguments
+  "${root[@]}" sh -c 'umask 077
+    cat >"$1.new" && chown "$2:" "$1.new" || exit 1
+    if cmp -s "$1.new" "$1"; then rm -f "$1.new"; echo unchanged; else mv -f "$1.new" "$1"; echo changed; fi' \
+    sh "$dir/$name" "$owner" <&3 | {
+    read -r what
+    say "credentials $dir/$name (0600, owner $owner): $what"
+    say "fact credentials=$what"
+  }
 }
 
 # ------------------------------------------------------------------------------------- venv
@@ -338,7 +440,17 @@ cmd_venv() {
   fi
 }
 
-station_python() { # ID ARGS: the release's python with its code on the path
+station_python() { # ID ARGS: the release's python with its code on the path (login user)
+  AS_STATION=()
+  release_python "$@"
+}
+
+station_python_as_station() { # ID ARGS: the same, as the station's user (what it can read)
+  as_station
+  release_python "$@"
+}
+
+release_python() {
   local rel="$PREFIX/releases/$1"
   shift
   # From the release folder: `python -m` puts the working directory first on sys.path, and an
@@ -348,7 +460,7 @@ station_python() { # ID ARGS: the release's python with its code on the path
   else
     cd "$rel"
   fi
-  run env PYTHONPATH="$rel/code" "$rel/venv/bin/python" "$@"
+  run "${AS_STATION[@]}" env PYTHONPATH="$rel/code" "$rel/venv/bin/python" "$@"
 }
 
 # ----------------------------------------------------------------------------------- engine
@@ -364,8 +476,8 @@ cmd_engine() { # ID PRECISION BACKEND
   fi
 }
 
-cmd_check() { # ID
-  station_python "$1" -m edge check "$PREFIX/releases/$1/station.yaml"
+cmd_check() { # ID: as the station's user: its credentials, camera group and files
+  station_python_as_station "$1" -m edge check "$PREFIX/releases/$1/station.yaml"
 }
 
 # --------------------------------------------------------------------------------- service
@@ -389,12 +501,36 @@ is_running() { # MODE
   fi
 }
 
+# Folders the station of release ID writes outside PREFIX/data (stage.py's WRITABLE).
+writable_paths() { # ID
+  local p
+  while IFS= read -r p; do
+    plain_path "$p" || refuse "releases/$1/WRITABLE: $(q "$p") is not a plain absolute path"
+    printf '%s\n' "$p"
+  done < <(cat "$PREFIX/releases/$1/WRITABLE" 2>/dev/null || true)
+}
+
 cmd_unit() { # ID: the systemd unit for this prefix and station, rendered from release ID
-  local unit user=${STATION_USER:-$(id -un)}
+  local id=$1 unit user=${STATION_USER:-$(id -un)} station
+  [[ $user =~ $USER_RE ]] || refuse "unit: $(q "$user") is not a user name"
+  station=$(station_id)
   unit=$(unit_name)
-  local text
-  text=$(sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@USER@|$user|g" -e "s|@UNIT@|$unit|g" \
-    -e "s|@STATION@|$(station_id)|g" "$PREFIX/releases/$1/deploy/lineinspect.service.in")
+  local text rw="-$PREFIX/data" home=yes p paths
+  paths=$(writable_paths "$id")
+  for p in $paths; do rw+=" -$p"; done # '-': a folder not there yet is no start failure
+  # ProtectHome=yes hides /home, /root and /run/user: read-only where the station lives there.
+  for p in "$PREFIX" $paths; do
+    case $p/ in /home/* | /root/* | /run/user/*) home=read-only ;; esac
+  done
+  text=$(<"$PREFIX/releases/$id/deploy/lineinspect.service.in")
+  # Every value was checked against a strict pattern above; quoted replacements are literal
+  # (no '&' or '\' expansion, unlike sed).
+  text=${text//@PREFIX@/"$PREFIX"}
+  text=${text//@USER@/"$user"}
+  text=${text//@UNIT@/"$unit"}
+  text=${text//@STATION@/"$station"}
+  text=${text//@READWRITE@/"$rw"}
+  text=${text//@PROTECTHOME@/"$home"}
   # The video group gives a non-root station the camera; a system without one gets no such line.
   if ! getent group video >/dev/null; then
     text=$(printf '%s\n' "$text" | grep -v '^SupplementaryGroups=')
@@ -427,6 +563,12 @@ cmd_install_service() { # ID MODE (service|supervisor)
     say "unit $unit written: $path"
   fi
   systemctl is-enabled --quiet "$unit" 2>/dev/null || run "${SUDO[@]}" systemctl enable "$unit"
+  # ProtectSystem=strict: the station cannot create a folder it writes outside PREFIX/data.
+  local p user
+  user=$(station_user)
+  while IFS= read -r p; do
+    [ -n "$p" ] && [ ! -d "$p" ] && run "${SUDO[@]}" install -d -m 0750 -o "${user:-$(id -un)}" "$p"
+  done < <(writable_paths "$id")
 }
 
 cmd_stop() {
@@ -492,9 +634,10 @@ cmd_health() { # ID MODE TIMEOUT: wait until the station started last is online
   local id=$1 mode=$2 timeout=$3 rel="$PREFIX/releases/$1" out rc since
   since=$(cat "$PREFIX/run/started" 2>/dev/null || echo 0)
   if [ "$DRY" = 1 ]; then
-    station_python "$id" "$rel/deploy/health.py" "$rel" --timeout "$timeout" --since "<start>"
+    station_python_as_station "$id" "$rel/deploy/health.py" "$rel" --timeout "$timeout" --since "<start>"
     return 0
   fi
+  as_station # the health check reads the station's config and credentials
   # Short slices: between them, a crash loop ends the wait early.
   local deadline=$((SECONDS + timeout)) slice
   while :; do
@@ -502,8 +645,8 @@ cmd_health() { # ID MODE TIMEOUT: wait until the station started last is online
     [ "$slice" -le 5 ] || slice=5
     [ "$slice" -ge 1 ] || slice=1
     rc=0
-    out=$(cd "$rel" && PYTHONPATH="$rel/code" "$rel/venv/bin/python" "$rel/deploy/health.py" \
-      "$rel" --timeout "$slice" --since "$since" 2>&1) || rc=$?
+    out=$(cd "$rel" && "${AS_STATION[@]}" env PYTHONPATH="$rel/code" "$rel/venv/bin/python" \
+      "$rel/deploy/health.py" "$rel" --timeout "$slice" --since "$since" 2>&1) || rc=$?
     if [ "$rc" = 0 ]; then
       if is_running "$mode"; then
         say "$out"
@@ -542,9 +685,10 @@ cmd_logs() { # [LINES] [SINCE]
 # Exit 0 when release ID is current, running in MODE and online: nothing to do.
 cmd_is_live() { # ID MODE
   local id=$1 mode=$2 rel="$PREFIX/releases/$1"
+  as_station
   [ "$(link_id current)" = "$id" ] && [ -x "$rel/venv/bin/python" ] && is_running "$mode" &&
-    (cd "$rel" && PYTHONPATH="$rel/code" "$rel/venv/bin/python" "$rel/deploy/health.py" "$rel" \
-      --timeout 5 --settle 0 >/dev/null 2>&1)
+    (cd "$rel" && "${AS_STATION[@]}" env PYTHONPATH="$rel/code" "$rel/venv/bin/python" \
+      "$rel/deploy/health.py" "$rel" --timeout 5 --settle 0 >/dev/null 2>&1)
 }
 
 cmd_links() { # CURRENT PREVIOUS ('' removes a link)
@@ -597,14 +741,26 @@ main() {
       *) break ;;
     esac
   done
+  plain_path "$PREFIX" || refuse "--prefix: $(q "$PREFIX") is not a plain absolute path"
+  [ -z "$STATION" ] || [[ $STATION =~ $STATION_RE ]] || refuse "--station: $(q "$STATION") is not line/name"
+  [ -z "$STATION_USER" ] || [[ $STATION_USER =~ $USER_RE ]] || refuse "--user: $(q "$STATION_USER") is not a user name"
+  [[ $PY =~ ^[A-Za-z0-9_./+-]+$ ]] || refuse "--python: $(q "$PY") is not a command name or path"
   [ $# -gt 0 ] || die "usage: remote.sh [--prefix DIR] [--python PY] [--dry-run] COMMAND [ARGS]"
   if [ "$(id -u)" != 0 ]; then SUDO=(sudo -n); fi
   local cmd=$1
   shift
+  case $cmd in # a release id becomes a path under PREFIX: 12 hex digits, nothing else
+    venv | engine | check | unit | install-service | health | is-live | private-files | mark)
+      [[ ${1:-} =~ $ID_RE ]] || refuse "$cmd: $(q "${1:-}") is not a release id"
+      ;;
+    links) for id in "$@"; do [ -z "$id" ] || [[ $id =~ $ID_RE ]] || refuse "links: $(q "$id") is not a release id"; done ;;
+  esac
   case $cmd in
     preflight) cmd_preflight "$@" ;;
     facts) cmd_facts ;;
     prepare) cmd_prepare ;;
+    private-files) cmd_private_files "$@" ;;
+    credentials) cmd_credentials "$@" ;;
     venv) cmd_venv "$@" ;;
     engine) cmd_engine "$@" ;;
     check) cmd_check "$@" ;;
@@ -624,4 +780,5 @@ main() {
 
 # Everything above is a definition: bash has read the whole script before main runs, so nothing
 # below can swallow the rest of a script piped in on stdin (`bash -s`).
-main "$@" </dev/null
+# fd 3 keeps the caller's stdin for `credentials` (run from a shipped copy, not through `bash -s`).
+main "$@" 3<&0 </dev/null

@@ -5,7 +5,8 @@
 
 writes STAGE_DIR/{code/, deploy/, bundle/, files/, station.yaml, requirements*.txt, RELEASE} and
 prints one JSON object (release id, station identity, backend, precision, source, ...) on stdout,
-or with --shell the same as `REL_<KEY>=value` lines for deploy.sh to eval.
+or with --shell the same as `REL_<KEY>=value` lines, one per line, that deploy.sh reads as data
+(by a fixed list of keys; never eval'd).
 
 The release id is a hash of everything staged, so the same inputs give the same id on every run
 (deploy.sh's idempotency rests on it). The station config is rewritten for the device:
@@ -15,7 +16,14 @@ The release id is a hash of everything staged, so the same inputs give the same 
   into `files/` and pointed at there; absolute paths and URIs are device paths, kept as they are;
 - a relative `mqtt.spool`, `evidence.dir` or `recalibration.dir` moves to `<prefix>/data/`, so
   reject events not yet acknowledged by the broker (and what the station collected) survive a
-  release switch or a rollback.
+  release switch or a rollback;
+- `mqtt.password` (and `mqtt.username`) move out of the release into STAGE_DIR/../credentials.yaml
+  (0600), which deploy.sh installs as `<prefix>/credentials/<line>-<name>.yaml`; the config
+  names it with `credentials_file`. A config that still holds a URI with a password (an RTSP
+  camera's) is written 0600, and every URI printed or recorded (RELEASE) is redacted.
+Hostile input is refused before anything is written: a station line/name or `mqtt.prefix`
+segment that is not a plain name (they become topics, file names and the systemd unit's name),
+a control character in any value, a manifest entry outside the bundle.
 Errors are one line `error: ...` on stderr, exit status 2.
 """
 
@@ -25,7 +33,7 @@ import argparse
 import hashlib
 import json
 import os
-import shlex
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -41,6 +49,51 @@ STATE_DIRS = ("evidence", "recalibration")
 # Sources that hold a camera exclusively: the running station must stop before `edge check`.
 EXCLUSIVE_SCHEMES = ("v4l2://", "csi://")
 EXCLUSIVE_GST = ("v4l2src", "nvarguscamerasrc", "nvv4l2camerasrc")
+
+
+# Names that become MQTT topic levels, file names and the systemd unit's name: no '/', '+', '#',
+# spaces, leading '-' or '.', nothing a shell, sed or systemd would read as syntax.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_RULE = "letters, digits, '_', '.', '-'; starts with a letter or digit; at most 64"
+# A device path the unit's ReadWritePaths= may name (systemd reads '%' and spaces as syntax).
+DEVICE_PATH_RE = re.compile(r"(/[A-Za-z0-9_.+-]+)+")
+# scheme://user:password@host: the password (everything up to the netloc's last '@') goes.
+USERINFO_RE = re.compile(r"(://[^/:@\s]*):[^/\s]*@")
+CREDENTIAL_KEYS = ("mqtt_username", "mqtt_password")
+
+
+def redact(text: str) -> str:
+    """`rtsp://user:pass@host/x` -> `rtsp://user:***@host/x`, anywhere in `text`."""
+    return USERINFO_RE.sub(r"\1:***@", text)
+
+
+def has_uri_password(value: Any) -> bool:
+    """Whether a config value (any nesting) holds a URI with a password."""
+    if isinstance(value, dict):
+        return any(has_uri_password(v) for v in value.values())
+    if isinstance(value, list):
+        return any(has_uri_password(v) for v in value)
+    return isinstance(value, str) and USERINFO_RE.search(value) is not None
+
+
+def check_no_control_chars(value: Any, key: str, source: Path) -> None:
+    """Refuse a newline (or any control character) anywhere in the config: values reach shell
+    scripts, `fact` lines, the systemd unit and log lines, where a newline starts a new one."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            path = f"{key}.{k}" if key else str(k)
+            check_no_control_chars(str(k), path, source)
+            check_no_control_chars(v, path, source)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_no_control_chars(v, f"{key}[{i}]", source)
+    elif isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise StageError(f"{source}: {key}: control character in {redact(value)!r}")
+
+
+def check_name(value: str, key: str, source: Path) -> None:
+    if not NAME_RE.fullmatch(value):
+        raise StageError(f"{source}: {key}: {redact(value)!r} is not a plain name ({NAME_RULE})")
 
 
 class StageError(Exception):
@@ -129,17 +182,29 @@ def stage(
     from edge.bundle import MANIFEST, PRECISION_FILES, THRESHOLDS, Bundle
     from edge.errors import LineInspectError
 
+    raw = yaml.safe_load(config.read_text()) or {}
+    check_no_control_chars(raw, "", config)
     try:
         cfg = station_config.load(config)  # typed validation: unknown keys, wrong types
     except LineInspectError as exc:
-        raise StageError(str(exc)) from exc
-    raw = yaml.safe_load(config.read_text()) or {}
+        raise StageError(redact(str(exc))) from exc
+    check_name(cfg.station.line, "station.line", config)
+    check_name(cfg.station.name, "station.name", config)
+    for level in cfg.mqtt.prefix.split("/"):  # a topic prefix may have levels: plain names each
+        if not NAME_RE.fullmatch(level):
+            raise StageError(
+                f"{config}: mqtt.prefix: {cfg.mqtt.prefix!r} is not plain names joined by '/' "
+                f"({NAME_RULE})"
+            )
     if precision:
         raw["precision"] = cfg.precision = precision
     try:
         b = Bundle(bundle)  # manifest parses, every listed file exists (hashes: `edge check`)
     except LineInspectError as exc:
         raise StageError(str(exc)) from exc
+    for name in (MANIFEST, THRESHOLDS):
+        if (bundle / name).is_symlink():
+            raise StageError(f"{bundle / name}: a symlink; bundle files must be plain files")
     graph = PRECISION_FILES[cfg.precision]
     if graph not in b.manifest.files:
         raise StageError(
@@ -157,11 +222,16 @@ def stage(
         shutil.copy2(repo / "deploy" / name, out / "deploy" / name)
     # The bundle contract only: manifest, listed files, thresholds. Never engines/ (device cache).
     (out / "bundle").mkdir()
+    # Bundle() refused manifest entries outside the bundle; this keeps every write inside the
+    # stage even if that check were ever bypassed.
+    inside = (out / "bundle").resolve()
     for name in [MANIFEST, *b.manifest.files, THRESHOLDS]:
-        src = bundle / name
+        src, dst = bundle / name, out / "bundle" / name
         if src.is_file():
-            (out / "bundle" / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, out / "bundle" / name)
+            if not dst.resolve().is_relative_to(inside):
+                raise StageError(f"{bundle / MANIFEST}: files: {name!r} is outside the bundle")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
 
     st = Stager(out, config.resolve().parent)
     raw["bundle"] = "bundle"
@@ -175,6 +245,14 @@ def stage(
         tls = mqtt.get("tls") or {}
         if tls.get(key):
             tls[key] = st.ship(tls[key], f"mqtt.tls.{key}")
+            if key == "keyfile" and tls[key].startswith("files/"):
+                # A private key: its owner only (deploy gives the service user's group read).
+                for p in [out / tls[key], *(out / tls[key]).rglob("*")]:
+                    if p.is_file():
+                        p.chmod(0o600)
+    creds = move_credentials(raw, mqtt, config, prefix, cfg.station.line, cfg.station.name)
+    if creds:
+        write_private(out.parent / "credentials.yaml", yaml.safe_dump(creds, sort_keys=False))
     # A service must not exit (and be restarted in a loop) when its broker is down or refuses
     # it after a reboot: it inspects and spools until the broker takes it. An explicit setting in
     # the config wins. (The deploy's own health check still needs the broker.)
@@ -192,7 +270,22 @@ def stage(
         f"# Written by deploy.sh from {config.name}; edit the original and deploy again.\n"
         "# Relative paths resolve against this release folder.\n"
     )
-    (out / "station.yaml").write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    text = header + yaml.safe_dump(raw, sort_keys=False)
+    if has_uri_password(raw):  # e.g. an RTSP camera's password: the station needs it as it is
+        write_private(out / "station.yaml", text)
+    else:
+        (out / "station.yaml").write_text(text)
+    writable = sorted(
+        {str(Path(mqtt["spool"]).parent)}
+        | {raw[s]["dir"] for s in STATE_DIRS if (raw.get(s) or {}).get("dir")}
+    )
+    for path in writable:  # ReadWritePaths= of the unit: a plain absolute path each
+        if not DEVICE_PATH_RE.fullmatch(path) or "/../" in f"{path}/" or "/./" in f"{path}/":
+            raise StageError(
+                f"{config}: {path!r}: a folder the station writes must be a plain absolute "
+                "path (letters, digits, '_', '.', '+', '-'; no '..')"
+            )
+    (out / "WRITABLE").write_text("".join(f"{p}\n" for p in writable))
     base, jetson = read_requirements(repo / "pyproject.toml")
     (out / "requirements.txt").write_text("\n".join(base) + "\n")
     (out / "requirements-jetson.txt").write_text("\n".join(jetson) + "\n")
@@ -206,15 +299,50 @@ def stage(
         "model": b.manifest.name,
         "backend": cfg.backend,
         "precision": cfg.precision,
-        "source": uri,
+        "source": redact(uri),
         "camera": camera_device(uri),
         "exclusive": is_exclusive(uri),
         "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
         "config": str(config.resolve()),
         "bundle": str(bundle.resolve()),
+        "credentials": credentials_name(cfg.station.line, cfg.station.name) if creds else "",
     }
     (out / "RELEASE").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def credentials_name(line: str, name: str) -> str:
+    return f"{line}-{name}.yaml"
+
+
+def move_credentials(
+    raw: dict[str, Any], mqtt: dict[str, Any], config: Path, prefix: str, line: str, name: str
+) -> dict[str, str]:
+    """Take the broker password (and user name) out of the release config; return them.
+
+    Only when there is a password: a config without one keeps its `mqtt.username` and gets no
+    `credentials_file` key, which stations older than the key refuse.
+    """
+    if mqtt.get("password") is None:
+        return {}
+    creds = {"mqtt_password": str(mqtt.pop("password"))}
+    if mqtt.get("username") is not None:
+        creds = {"mqtt_username": str(mqtt.pop("username")), **creds}
+    if "credentials_file" in raw:
+        raise StageError(
+            f"{config}: credentials_file and mqtt.password: give the password in one of them"
+        )
+    raw["credentials_file"] = f"{prefix.rstrip('/')}/credentials/{credentials_name(line, name)}"
+    return creds
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to a new file readable by its owner only, from the first byte on."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(0o600)  # O_CREAT's mode is masked by the umask; 0600 is what is meant
 
 
 def tree_hash(root: Path) -> str:
@@ -242,11 +370,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = stage(args.repo, args.config, args.bundle, args.prefix, args.precision, args.out)
     except (StageError, OSError, KeyError, yaml.YAMLError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {redact(' '.join(str(exc).split()))}", file=sys.stderr)
         return 2
     if args.shell:
+        # One value per line, read by deploy.sh as data: a newline would start another key.
         for key, value in info.items():
-            print(f"REL_{key.upper()}={shlex.quote(str(value))}")
+            text = str(value)
+            if any(ord(c) < 32 or ord(c) == 127 for c in text):
+                print(f"error: {key}: control character in {redact(text)!r}", file=sys.stderr)
+                return 2
+            print(f"REL_{key.upper()}={text}")
     else:
         print(json.dumps(info))
     return 0

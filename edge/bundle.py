@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -118,6 +118,35 @@ def atomic_write(path: str | Path, data: str | bytes | memoryview) -> None:
         raise
 
 
+def check_member(root: Path, name: str, manifest: Path) -> None:
+    """Refuse a manifest entry that is not a plain file path inside the bundle.
+
+    A manifest comes with the bundle, from wherever the bundle came from: an entry such as
+    `../../x`, `/etc/shadow` or a symlink would make the station read, and deploy copy, a file
+    outside the bundle (and deploy write it outside its release).
+    """
+    path = PurePosixPath(name)
+    why = ""
+    if not name or any(ord(c) < 32 or c in "\\\x7f" for c in name):
+        why = "an empty name, or one with a control character or backslash"
+    elif path.is_absolute():
+        why = "an absolute path"
+    elif any(part in ("", ".", "..") for part in name.split("/")):
+        why = "a path with '..', '.' or an empty part"
+    else:
+        at = root
+        for part in path.parts:  # no link anywhere on the way: the file is in the bundle
+            at = at / part
+            if at.is_symlink():
+                why = f"a symlink ({at.relative_to(root)})"
+                break
+    if why:
+        raise BundleError(
+            f"{manifest}: files: {name!r} is {why}; bundle files must be plain relative paths "
+            "inside the bundle"
+        )
+
+
 class Bundle:
     """A verified bundle directory.
 
@@ -140,6 +169,8 @@ class Bundle:
             raise BundleError(str(exc)) from exc
         if "model.onnx" not in self.manifest.files:
             raise BundleError(f"{mpath}: files: no entry for model.onnx")
+        for name in self.manifest.files:
+            check_member(self.root, name, mpath)
         for name in self.manifest.files:
             if not (self.root / name).is_file():
                 raise BundleError(f"{self.root / name}: missing bundle file (listed in {MANIFEST})")

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -308,6 +309,52 @@ def test_deploy_over_ssh_switch_and_roll_back(checkout, sshd, broker, tmp_path):
     assert not (prefix / "run" / "supervisor.pid").exists()
 
 
+@pytest.mark.slow
+def test_deployed_release_holds_no_secret_readable_by_others(checkout, sshd, tmp_path):
+    """A broker password and an RTSP camera's password in the station YAML: after a deploy,
+    neither is in a file on the device that others can read, nor in deploy.sh's output."""
+    prefix = tmp_path / "device" / "opt-lineinspect"
+    work = tmp_path / "workstation"
+    bundle = make_bundle(work / "bundle")
+    mqtt_pw, cam_pw = "mqtt-pw-5e1f0c", "cam-pw-7d2a9b"
+    config = work / "station.yaml"
+    config.write_text(
+        "station: {line: line9, name: secrets}\n"
+        f"bundle: {bundle}\n"
+        f"source: {{uri: 'rtsp://cam:{cam_pw}@127.0.0.1:{free_port()}/s', retry_open: false}}\n"
+        f"mqtt: {{host: 127.0.0.1, port: {free_port()}, username: station, password: {mqtt_pw},"
+        " connect_timeout_s: 2}\n"
+    )
+    r = deploy(checkout, sshd, "--bundle", str(bundle), "--config", str(config), "--prefix",
+               str(prefix), "--no-service", "--health-timeout", "5")  # fmt: skip
+    # No camera answers at that address (and an edge without `credentials_file` support refuses
+    # the key): `edge check` fails after the release was shipped, which is what is looked at.
+    assert r.returncode == 1 and "failed at check" in r.stderr, r.stdout + r.stderr
+    assert mqtt_pw not in r.stdout + r.stderr and cam_pw not in r.stdout + r.stderr
+
+    creds = prefix / "credentials" / "line9-secrets.yaml"
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    assert yaml.safe_load(creds.read_text()) == {
+        "mqtt_username": "station",
+        "mqtt_password": mqtt_pw,
+    }
+    (rel,) = (prefix / "releases").iterdir()
+    cfg = yaml.safe_load((rel / "station.yaml").read_text())
+    assert cfg["credentials_file"] == str(creds) and "password" not in cfg["mqtt"]
+    assert stat.S_IMODE((rel / "station.yaml").stat().st_mode) == 0o600  # it has the RTSP URI
+    assert json.loads((rel / "RELEASE").read_text())["source"].startswith("rtsp://cam:***@")
+    readable = []
+    for p in prefix.rglob("*"):
+        # venvs/ holds what pip installed, nothing from the station config.
+        if p.is_symlink() or not p.is_file() or p.relative_to(prefix).parts[0] == "venvs":
+            continue
+        readable.append(p)
+        if p.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
+            text = p.read_bytes()
+            assert mqtt_pw.encode() not in text and cam_pw.encode() not in text, p
+    assert rel / "station.yaml" in readable and creds in readable  # the walk saw them
+
+
 def test_shell_scripts_pass_shellcheck():
     if not shutil.which("shellcheck"):
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
@@ -362,22 +409,34 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 
 def test_systemd_unit_passes_systemd_analyze(tmp_path):
     """The unit deploy.sh installs (rendered by remote.sh from the release) is one systemd
-    accepts without a warning: Restart=always, after network-online, journal logging."""
+    accepts without a warning: Restart=always, after network-online, journal logging, run as
+    an unprivileged user with the hardening options, Type=notify with a watchdog."""
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed")
     prefix = tmp_path / "prefix"
-    (prefix / "releases" / "r1").mkdir(parents=True)
-    shutil.copytree(REPO / "deploy", prefix / "releases" / "r1" / "deploy")
-    (prefix / "current").symlink_to("releases/r1")
+    rel = prefix / "releases" / "0123456789ab"
+    rel.mkdir(parents=True)
+    shutil.copytree(REPO / "deploy", rel / "deploy")
+    (rel / "WRITABLE").write_text("/var/lib/lineinspect-frames\n")
+    (prefix / "current").symlink_to("releases/0123456789ab")
     r = subprocess.run(
         ["bash", str(REPO / "deploy/remote.sh"), "--prefix", str(prefix), "--station",
-         "line9/unit test", "unit", "r1"],
+         "line9/unit_test", "--user", "lineinspect", "unit", "0123456789ab"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     unit = tmp_path / "lineinspect-line9-unit_test.service"
     unit.write_text(r.stdout)
-    for line in ("Restart=always", "After=network-online.target", "StandardOutput=journal"):
-        assert line in r.stdout.splitlines()
+    lines = r.stdout.splitlines()
+    for line in (
+        "Restart=always", "After=network-online.target", "StandardOutput=journal",
+        "User=lineinspect", "Type=notify", "NotifyAccess=main", "NoNewPrivileges=yes",
+        "ProtectSystem=strict", "PrivateTmp=yes", "CapabilityBoundingSet=",
+        "AmbientCapabilities=", f"ReadWritePaths=-{prefix}/data -/var/lib/lineinspect-frames",
+    ):  # fmt: skip
+        assert line in lines, line
+    assert any(re.fullmatch(r"WatchdogSec=\d+", x) for x in lines)
+    # The prefix is under /tmp here, not a home: home folders stay hidden from the station.
+    assert "ProtectHome=yes" in lines
     assert f"ExecStart={prefix}/current/deploy/station.sh" in r.stdout
     v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert v.returncode == 0 and unit.name not in v.stderr, v.stderr
