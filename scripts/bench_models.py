@@ -145,7 +145,10 @@ def run_cell(
         "threads": a.threads,
         "device": a.device,
     }
-    cfg = load_config(cfg_file if cfg_file.is_file() else None, overrides)
+    # "train.<key>" entries of a variant override the training config, the rest model_args
+    train_over = {k[6:]: v for k, v in model_args.items() if k.startswith("train.")}
+    model_args = {k: v for k, v in model_args.items() if not k.startswith("train.")}
+    cfg = load_config(cfg_file if cfg_file.is_file() else None, {**overrides, **train_over})
     cfg.model_args = {**cfg.model_args, **model_args}
     ckpt = run / "checkpoint.pt"
     if not ckpt.is_file():
@@ -301,7 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench", help="cells: <out>/<variant>/<category>/")
     p.add_argument("--models", default="stpm,dskd,mtkd", help="model kinds with their defaults")
     p.add_argument("--ablation", choices=sorted(ABLATIONS), help="run an ablation set instead")
-    p.add_argument("--variant", action="append", default=[], help="name:kind[:key=val,...]")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="name:kind[:key=val,...]; keys are model_args, or train.<key> for the training config",
+    )
     p.add_argument("--only", help="comma-separated variant names to run (others: table only)")
     p.add_argument("--categories", help="comma-separated (default: every category in --data)")
     p.add_argument("--image-size", type=int, help="default: the config's (256)")

@@ -213,7 +213,7 @@ class MapNorm(nn.Module):
 
     Q_LO, Q_HI = 0.9, 0.995
 
-    def __init__(self, shapes: list[tuple[int, int]], momentum: float = 0.1, rings: int = 2):
+    def __init__(self, shapes: list[tuple[int, int]], momentum: float = 0.1, rings: int = 0):
         super().__init__()
         self.momentum, self.rings, self.n = float(momentum), int(rings), len(shapes)
         self.register_buffer("mean", torch.ones(self.n))

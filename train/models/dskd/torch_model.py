@@ -149,6 +149,9 @@ class DSKD(nn.Module):
             through a 1x1 conv (the ablation without the module).
         interaction: let Sd's loss train Se through the embedding; False = Se's features are
             detached at the embedding input (each student learns on its own).
+        sd_input: what the embedding module fuses for Sd: "se" (the paper: Se's multi-scale
+            features, the students' interaction) or "teacher" (the frozen teacher's, as the
+            one-class bottleneck of reverse distillation: pretrained features from step 0).
         match_scales: indices into `stages` at which the students are matched and mapped
             (None = every scale: the pyramid matching).
         combine_scales: how a student's per-scale maps are combined: mean | max | product.
@@ -177,10 +180,12 @@ class DSKD(nn.Module):
         students: str = "both",
         embedding: bool = True,
         interaction: bool = True,
+        sd_input: str = "se",
         match_scales: list[int] | None = None,
         combine_scales: str = "mean",
         combine_students: str = "mean",
         map_norm: str = "quantile",
+        norm_rings: int = 0,
         hard_fraction: float = 1.0,
         embed_channels: int = 128,
         decoder_width: float = 1.0,
@@ -206,6 +211,10 @@ class DSKD(nn.Module):
             raise ValueError(
                 f"dskd: map_norm must be one of {', '.join(MAP_NORMS)}, got {map_norm!r}"
             )
+        if sd_input not in ("se", "teacher"):
+            raise ValueError(f"dskd: sd_input must be se or teacher, got {sd_input!r}")
+        if not 0 <= norm_rings <= 8:
+            raise ValueError(f"dskd: norm_rings must be in 0..8, got {norm_rings!r}")
         if not 0 < hard_fraction <= 1:
             raise ValueError(f"dskd: hard_fraction must be in (0, 1], got {hard_fraction!r}")
         if embed_channels < 8 or decoder_width <= 0 or decoder_depth < 0:
@@ -224,10 +233,12 @@ class DSKD(nn.Module):
             students=students,
             embedding=bool(embedding),
             interaction=bool(interaction),
+            sd_input=sd_input,
             match_scales=match,
             combine_scales=combine_scales,
             combine_students=combine_students,
             map_norm=map_norm,
+            norm_rings=int(norm_rings),
             hard_fraction=float(hard_fraction),
             embed_channels=int(embed_channels),
             decoder_width=float(decoder_width),
@@ -249,11 +260,11 @@ class DSKD(nn.Module):
             self.sd = DecoderStudent(embed_channels, ch, st, decoder_width, decoder_depth)
         self.match = match
         self.match_strides = [st[i] for i in match]
-        self.interaction = interaction
+        self.interaction, self.sd_input = interaction, sd_input
         self.map_norm, self.hard_fraction = map_norm, hard_fraction
         self.combine_scales, self.combine_students = combine_scales, combine_students
         side = [image_size // st[i] for i in match]
-        self.scale = MapNorm([(h, h) for _ in self.active for h in side])
+        self.scale = MapNorm([(h, h) for _ in self.active for h in side], rings=norm_rings)
         self.size = (image_size, image_size)
         self.normalize = Normalize(self.teacher.mean, self.teacher.std)
         self.blur = GaussianBlur(sigma, self.size)
@@ -267,7 +278,10 @@ class DSKD(nn.Module):
         se = self.se(x)
         feats = {"se": se}
         if self.sd is not None:
-            e = self.embed(se if self.interaction else [f.detach() for f in se])
+            if self.sd_input == "teacher":
+                e = self.embed(t)
+            else:
+                e = self.embed(se if self.interaction else [f.detach() for f in se])
             feats["sd"] = self.sd(e)
         return {k: [cosine_distance(t[i], feats[k][i]) for i in self.match] for k in self.active}
 

@@ -193,7 +193,7 @@ class MTKD(nn.Module):
         side = [image_size // st for st in strides] * k + [image_size // self.ae_stride] * (
             k if self.use_ae else 0
         )
-        self.scale = MapNorm([(h, h) for h in side])
+        self.scale = MapNorm([(h, h) for h in side], rings=0)
         self.size = (image_size, image_size)
         self.norm_student = Normalize(self.student.mean, self.student.std)
         self.norm_teachers = nn.ModuleList(Normalize(t.mean, t.std) for t in self.teachers)
