@@ -186,6 +186,9 @@ class StationConfig:
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     mode: Literal["triggered", "continuous"] = "triggered"
+    # A part without a valid verdict (undecodable frame, failed inference, NaN output): reject
+    # it as `unverified` (default), or let it pass, counted (must be explicit; warned at start).
+    on_error: Literal["reject", "pass"] = "reject"
     queue_size: int = 4
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)

@@ -48,6 +48,9 @@ class Frame:
     part_id: part identifier (file stem for image folders, else str(seq)).
     source: file name for folders/videos, else the URI.
     t_mono: time.monotonic() at capture, for latency maths immune to wall-clock steps.
+    error: set (and image empty) for a part whose image could not be decoded; only sources
+        asked to keep such parts (`keep_unreadable`, a triggered line) hand them out, so that
+        the part is rejected as unverified instead of vanishing.
     """
 
     image: np.ndarray
@@ -56,6 +59,7 @@ class Frame:
     part_id: str
     source: str
     t_mono: float = field(default_factory=time.monotonic)
+    error: str | None = None
 
 
 class Source(Protocol):
@@ -104,8 +108,12 @@ class _BaseSource:
         rate: float = 0.0,
         width: int = 0,
         height: int = 0,
+        keep_unreadable: bool = False,
     ):
         self.uri = uri
+        # Triggered line: one frame is one part, so an undecodable one is handed out (with
+        # Frame.error) to be rejected as unverified; a continuous line just skips it.
+        self.keep_unreadable = keep_unreadable
         self.loop = loop
         self.rate = rate
         self.width = width
@@ -121,6 +129,11 @@ class _BaseSource:
         f = Frame(image, self._seq, time.time(), part_id or str(self._seq), name)
         self._seq += 1
         self._stats["frames"] += 1
+        return f
+
+    def _unreadable(self, part_id: str | None, name: str, why: str) -> Frame:
+        f = self._frame(np.zeros((0, 0, 3), np.uint8), part_id, name)
+        f.error = f"{name}: {why}"
         return f
 
     def __enter__(self):
@@ -186,6 +199,9 @@ class ImageFolderSource(FileSource):
             img = cv2.imread(str(p), cv2.IMREAD_COLOR)
             if img is None or img.size == 0:
                 self._stats["corrupt"] += 1
+                if self.keep_unreadable:
+                    log.warning("%s: unreadable image: the part is rejected as unverified", p)
+                    return self._unreadable(p.stem, p.name, "unreadable image")
                 log.warning("%s: unreadable image skipped", p)
                 continue
             self._good_this_pass += 1
@@ -261,9 +277,11 @@ class LiveSource(_BaseSource):
 
     The thread keeps the driver's buffers drained (so latency stays one frame), lets `read` honour
     its timeout, and reconnects with exponential backoff when the camera fails. When the consumer
-    falls behind, the oldest buffered frame is dropped and counted (`stats()['dropped']`). A frame
-    the driver hands over empty is counted (`corrupt`) and skipped; a failed read means the camera
-    is gone and starts a reconnect.
+    falls behind, the oldest buffered frame is dropped and counted (`stats()['dropped']`), unless
+    `block` (a triggered line, one frame per part): then the grabber waits for room and never
+    drops a part (back-pressure to the driver). A frame the driver hands over empty is counted
+    (`corrupt`) and skipped (with keep_unreadable: handed out with Frame.error); a failed read
+    means the camera is gone and starts a reconnect.
 
     retry_open: when the camera cannot be opened at start, keep trying in the background
     (`read` times out meanwhile) instead of raising SourceError. Every state change is logged and
@@ -280,9 +298,11 @@ class LiveSource(_BaseSource):
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 10.0,
         retry_open: bool = False,
+        block: bool = False,
         **kwargs: Any,
     ):
         super().__init__(uri, **kwargs)
+        self.block = block
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
         self.retry_open = retry_open
@@ -374,8 +394,14 @@ class LiveSource(_BaseSource):
                     continue
                 if img is None or img.size == 0:
                     self._stats["corrupt"] += 1
+                    if not self.keep_unreadable:
+                        continue
+                    frame = self._unreadable(None, self.uri, "empty frame from the driver")
+                else:
+                    frame = self._frame(img, None, self.uri)
+                if self.block:
+                    self._put_blocking(frame)
                     continue
-                frame = self._frame(img, None, self.uri)
                 while True:
                     try:
                         self._q.put_nowait(frame)
@@ -393,6 +419,22 @@ class LiveSource(_BaseSource):
                 self._cap.release()
                 self._cap = None
             self._stats["connected"] = False
+
+    def _put_blocking(self, frame: Frame) -> None:
+        """Wait for room (triggered line: a part is never dropped); give up only on stop."""
+        while not self._stop.is_set():
+            try:
+                self._q.put(frame, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        # Stopped while full: the part was seen but can no longer be queued; say so loudly.
+        self._stats["dropped"] += 1
+        log.error(
+            "%s: frame %d not queued: capture stopped while the buffer was full",
+            self.uri,
+            frame.seq,
+        )
 
     def read(self, timeout: float | None = None) -> Frame | None:
         if self._fatal is not None:
@@ -527,9 +569,20 @@ def create_source(uri: str, **opts: Any) -> Source:
     return cls(uri, **opts)
 
 
-def source_options(cfg: Any, *, retry_open: bool | None = None) -> dict[str, Any]:
-    """create_source options from a `config.SourceConfig` (live-only ones only for live URIs)."""
-    opts: dict[str, Any] = dict(loop=cfg.loop, rate=cfg.rate, width=cfg.width, height=cfg.height)
+def source_options(
+    cfg: Any, *, retry_open: bool | None = None, triggered: bool = False
+) -> dict[str, Any]:
+    """create_source options from a `config.SourceConfig` (live-only ones only for live URIs).
+
+    triggered: one frame per part: keep undecodable frames (rejected downstream as unverified)
+    and, for live sources, block instead of dropping the oldest frame."""
+    opts: dict[str, Any] = dict(
+        loop=cfg.loop,
+        rate=cfg.rate,
+        width=cfg.width,
+        height=cfg.height,
+        keep_unreadable=triggered,
+    )
     scheme, sep, _ = cfg.uri.partition("://")
     cls = SOURCES.get(scheme if sep else "file")
     if cls is not None and issubclass(cls, LiveSource):
@@ -538,14 +591,15 @@ def source_options(cfg: Any, *, retry_open: bool | None = None) -> dict[str, Any
             reconnect_min_s=cfg.reconnect_min_s,
             reconnect_max_s=cfg.reconnect_max_s,
             retry_open=cfg.retry_open if retry_open is None else retry_open,
+            block=triggered,
         )
     return opts
 
 
-def open_source(cfg: Any, *, retry_open: bool | None = None) -> Source:
+def open_source(cfg: Any, *, retry_open: bool | None = None, triggered: bool = False) -> Source:
     """Create and open the source of a `config.SourceConfig`.
 
     retry_open overrides the config (`edge check` wants to know now, not wait for the camera)."""
-    src = create_source(cfg.uri, **source_options(cfg, retry_open=retry_open))
+    src = create_source(cfg.uri, **source_options(cfg, retry_open=retry_open, triggered=triggered))
     src.open()
     return src

@@ -95,6 +95,20 @@ def test_corrupt_images_skipped_and_counted(tmp_path):
     assert src.stats()["corrupt"] == 2 and src.stats()["frames"] == 2
 
 
+def test_triggered_folder_hands_out_unreadable_parts(tmp_path):
+    # A triggered line must judge every part: the unreadable one comes out flagged, not skipped.
+    folder = make_folder(tmp_path / "imgs")
+    (folder / "img_01.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    src = create_source(str(folder), keep_unreadable=True)
+    src.open()
+    frames = drain(src)
+    assert [f.source for f in frames] == ["img_00.png", "img_01.png", "img_02.png"]
+    bad = frames[1]
+    assert bad.error and "img_01.png" in bad.error and bad.image.size == 0
+    assert bad.part_id == "img_01" and frames[0].error is None
+    assert src.stats()["corrupt"] == 1
+
+
 def test_looping_folder_of_only_corrupt_images_ends(tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
@@ -250,6 +264,18 @@ def test_live_source_drops_oldest_when_consumer_is_slow():
     assert got == [4, 5] and src.stats()["dropped"] == 4
 
 
+def test_triggered_live_source_never_drops_a_frame():
+    # One frame is one part on a triggered line: a slow consumer holds the camera back.
+    src = FlakyLive(buffer=2, block=True)
+    src.open()
+    time.sleep(0.3)  # the camera has 6 frames to give, nobody reading
+    got = []
+    while (f := src.read(timeout=0.3)) is not None:
+        got.append(f.seq)
+    src.close()
+    assert got == [0, 1, 2, 3, 4, 5] and src.stats()["dropped"] == 0
+
+
 def test_live_source_unopenable_names_uri():
     class Dead(LiveSource):
         def _open_capture(self):
@@ -389,4 +415,7 @@ def test_source_options_from_config():
     assert live["retry_open"] is True and live["reconnect_max_s"] == 3.0 and live["buffer"] == 2
     assert source_options(SourceConfig(uri="rtsp://cam/x"), retry_open=False)["retry_open"] is False
     files = source_options(SourceConfig(uri="/data/frames", loop=True, rate=5.0))
-    assert files == {"loop": True, "rate": 5.0, "width": 0, "height": 0}
+    assert files == {"loop": True, "rate": 5.0, "width": 0, "height": 0, "keep_unreadable": False}
+    trig = source_options(SourceConfig(uri="rtsp://cam/x"), triggered=True)
+    assert trig["block"] is True and trig["keep_unreadable"] is True
+    assert source_options(SourceConfig(uri="rtsp://cam/x"))["block"] is False
