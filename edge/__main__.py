@@ -19,6 +19,7 @@ from typing import Any
 
 from edge import __version__, config
 from edge.errors import LineInspectError, SourceError
+from edge.redact import redact_uri
 
 log = logging.getLogger("edge")
 
@@ -200,14 +201,14 @@ def _check_one(path: str) -> None:
                 try:
                     frame = source.read(timeout=max(0.0, deadline - time.monotonic()))
                 except EndOfStream:
-                    raise SourceError(f"{cfg.source.uri}: no readable frame") from None
+                    raise SourceError(f"{redact_uri(cfg.source.uri)}: no readable frame") from None
             if frame is None:
-                raise SourceError(f"{cfg.source.uri}: no frame within {timeout:.0f}s")
+                raise SourceError(f"{redact_uri(cfg.source.uri)}: no frame within {timeout:.0f}s")
             st = source.stats()
             skipped = f", {st['corrupt']} unreadable skipped" if st.get("corrupt") else ""
             _ok(
                 "source",
-                f"{cfg.source.uri}: frame {frame.image.shape[1]}x{frame.image.shape[0]} "
+                f"{redact_uri(cfg.source.uri)}: frame {frame.image.shape[1]}x{frame.image.shape[0]} "
                 f"from {frame.source}{skipped}",
             )
         finally:
@@ -274,9 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--metrics-host",
-        default="0.0.0.0",
+        default="127.0.0.1",
         metavar="HOST",
-        help="address the metrics endpoint listens on (default all interfaces)",
+        help="address the metrics endpoint listens on (default 127.0.0.1: this machine only; "
+        "0.0.0.0 exposes it to the network, unauthenticated)",
     )
     r.set_defaults(func=cmd_run)
 
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LineInspectError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {redact_uri(' '.join(str(exc).split()))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -31,6 +31,7 @@ import numpy as np
 
 from edge.errors import SourceError
 from edge.preprocess import IMAGE_SUFFIXES
+from edge.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ class _BaseSource:
         keep_unreadable: bool = False,
     ):
         self.uri = uri
+        # What logs, errors and stats show: the URI without its credentials (rtsp://user:pw@).
+        self.label = redact_uri(uri)
         # Triggered line: one frame is one part, so an undecodable one is handed out (with
         # Frame.error) to be rejected as unverified; a continuous line just skips it.
         self.keep_unreadable = keep_unreadable
@@ -170,14 +173,14 @@ class ImageFolderSource(FileSource):
                 p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
             )
         except OSError as exc:
-            raise SourceError(f"{self.uri}: cannot list folder: {exc.strerror or exc}") from exc
+            raise SourceError(f"{self.label}: cannot list folder: {exc.strerror or exc}") from exc
 
     def open(self) -> None:
         if not self.path.is_dir():
-            raise SourceError(f"{self.uri}: no such folder")
+            raise SourceError(f"{self.label}: no such folder")
         self._files = self._list()
         if not self._files:
-            raise SourceError(f"{self.uri}: no images in folder ({', '.join(IMAGE_SUFFIXES)})")
+            raise SourceError(f"{self.label}: no images in folder ({', '.join(IMAGE_SUFFIXES)})")
         self._idx = 0
         self._good_this_pass = 0
 
@@ -188,7 +191,7 @@ class ImageFolderSource(FileSource):
             if self._idx >= len(self._files):
                 # A looping folder with no readable image would spin forever: end instead.
                 if not self.loop or self._good_this_pass == 0:
-                    raise EndOfStream(self.uri)
+                    raise EndOfStream(self.label)
                 self._files = self._list()
                 self._idx = 0
                 self._good_this_pass = 0
@@ -218,7 +221,7 @@ class VideoFileSource(FileSource):
 
     def open(self) -> None:
         if not self.path.is_file():
-            raise SourceError(f"{self.uri}: no such file or folder")
+            raise SourceError(f"{self.label}: no such file or folder")
         self._stats.setdefault("truncated", 0)
         self._cap = self._open_cap()
         self._good_this_pass = 0
@@ -227,7 +230,7 @@ class VideoFileSource(FileSource):
         cap = cv2.VideoCapture(str(self.path))
         if not cap.isOpened():
             cap.release()
-            raise SourceError(f"{self.uri}: cannot open as video (not a video, or codec missing)")
+            raise SourceError(f"{self.label}: cannot open as video (not a video, or codec missing)")
         return cap
 
     def read(self, timeout: float | None = None) -> Frame | None:
@@ -252,12 +255,12 @@ class VideoFileSource(FileSource):
                 log.warning(
                     "%s: video ends after frame %d of the %d its header announces "
                     "(truncated or corrupt file)",
-                    self.uri,
+                    self.label,
                     int(pos),
                     int(count),
                 )
             if not self.loop or self._good_this_pass == 0:
-                raise EndOfStream(self.uri)
+                raise EndOfStream(self.label)
             # Reopen rather than seek to 0: seeking is unreliable for some codecs/containers.
             self._cap.release()
             self._cap = self._open_cap()
@@ -343,7 +346,7 @@ class LiveSource(_BaseSource):
     def open(self) -> None:
         self._cap = self._open_capture()
         if self._cap is None:
-            msg = f"{self.uri}: cannot open ({self._hint()})"
+            msg = f"{self.label}: cannot open ({self._hint()})"
             if not self.retry_open:
                 raise SourceError(msg)
             self._stats["last_error"] = msg
@@ -368,10 +371,10 @@ class LiveSource(_BaseSource):
             # Powers of two only: a camera gone for a day must not flood the log.
             if n & (n - 1) == 0:
                 log.warning(
-                    "%s: still unavailable after %d attempt(s); next in %.1fs", self.uri, n, nxt
+                    "%s: still unavailable after %d attempt(s); next in %.1fs", self.label, n, nxt
                 )
             return nxt
-        log.info("%s: connected after %d attempt(s)", self.uri, self._stats["reconnect_attempts"])
+        log.info("%s: connected after %d attempt(s)", self.label, self._stats["reconnect_attempts"])
         self._stats["reconnects"] += 1
         self._stats["connected"] = True
         return self.reconnect_min_s
@@ -388,7 +391,7 @@ class LiveSource(_BaseSource):
                     self._stats["read_failures"] += 1
                     self._stats["connected"] = False
                     self._stats["last_error"] = "read failed"
-                    log.warning("%s: read failed; reconnecting in %.1fs", self.uri, backoff)
+                    log.warning("%s: read failed; reconnecting in %.1fs", self.label, backoff)
                     self._cap.release()
                     self._cap = None
                     continue
@@ -396,9 +399,9 @@ class LiveSource(_BaseSource):
                     self._stats["corrupt"] += 1
                     if not self.keep_unreadable:
                         continue
-                    frame = self._unreadable(None, self.uri, "empty frame from the driver")
+                    frame = self._unreadable(None, self.label, "empty frame from the driver")
                 else:
-                    frame = self._frame(img, None, self.uri)
+                    frame = self._frame(img, None, self.label)
                 if self.block:
                     self._put_blocking(frame)
                     continue
@@ -432,13 +435,13 @@ class LiveSource(_BaseSource):
         self._stats["dropped"] += 1
         log.error(
             "%s: frame %d not queued: capture stopped while the buffer was full",
-            self.uri,
+            self.label,
             frame.seq,
         )
 
     def read(self, timeout: float | None = None) -> Frame | None:
         if self._fatal is not None:
-            raise SourceError(f"{self.uri}: capture thread failed: {self._fatal}")
+            raise SourceError(f"{self.label}: capture thread failed: {redact_uri(self._fatal)}")
         try:
             if timeout is not None and timeout <= 0:
                 return self._q.get_nowait()
@@ -455,7 +458,7 @@ class LiveSource(_BaseSource):
         if self._thread is not None:
             self._thread.join(timeout=5.0)
             if self._thread.is_alive():
-                log.warning("%s: grabber thread did not stop within 5s (driver stuck)", self.uri)
+                log.warning("%s: grabber thread did not stop within 5s (driver stuck)", self.label)
             self._thread = None
 
     def close(self) -> None:
@@ -488,7 +491,7 @@ class _GstSource(LiveSource):
     def open(self) -> None:
         if not _has_gstreamer():
             raise SourceError(
-                f"{self.uri}: this OpenCV build has no GStreamer support (pip wheels have none; "
+                f"{self.label}: this OpenCV build has no GStreamer support (pip wheels have none; "
                 "use the JetPack OpenCV)"
             )
         super().open()
@@ -564,7 +567,7 @@ def create_source(uri: str, **opts: Any) -> Source:
     cls = SOURCES.get(scheme)
     if cls is None:
         raise SourceError(
-            f"{uri}: unknown source scheme {scheme!r}, expected one of {list(SOURCES)}"
+            f"{redact_uri(uri)}: unknown source scheme {scheme!r}, expected one of {list(SOURCES)}"
         )
     return cls(uri, **opts)
 

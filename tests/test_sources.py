@@ -1,5 +1,6 @@
 """Frame sources: image folders and video files (solid), live sources (reconnect logic)."""
 
+import logging
 import time
 from pathlib import Path
 
@@ -419,3 +420,20 @@ def test_source_options_from_config():
     trig = source_options(SourceConfig(uri="rtsp://cam/x"), triggered=True)
     assert trig["block"] is True and trig["keep_unreadable"] is True
     assert source_options(SourceConfig(uri="rtsp://cam/x"))["block"] is False
+
+
+def test_rtsp_credentials_never_in_errors_logs_or_stats(caplog):
+    from tests.broker import free_port
+
+    port = free_port()
+    uri = f"rtsp://li:Cam-s3cret@127.0.0.1:{port}/cam"
+    with pytest.raises(SourceError) as e:
+        create_source(uri).open()
+    assert "Cam-s3cret" not in str(e.value) and f"rtsp://***@127.0.0.1:{port}/cam" in str(e.value)
+    src = create_source(uri, retry_open=True, reconnect_min_s=0.05, reconnect_max_s=0.1)
+    with caplog.at_level(logging.DEBUG):
+        src.open()
+        src.read(timeout=0.3)
+        src.close()
+    assert "Cam-s3cret" not in caplog.text and "***@" in caplog.text
+    assert "Cam-s3cret" not in str(src.stats())
