@@ -813,3 +813,57 @@ def test_deleted_spool_is_recreated_and_alarmed(tmp_path, mosquitto):
             assert Path(pub.spool.path).exists() and pub.stats()["spool_recreated"] == 1
     finally:
         pub.close()
+
+
+@pytest.mark.broker
+def test_gate_acks_only_after_its_handler_and_gets_a_failed_event_again(tmp_path, mosquitto):
+    failed: list[str] = []
+
+    def handler(event):
+        if event.kind == "reject" and not failed:
+            failed.append(event.payload["event_id"])
+            raise RuntimeError("gate actuator busy")
+
+    kw = dict(client_id="gate-1", persistent=True, reconnect_max_s=1.0)
+    gate = Listener(mosquitto.host, mosquitto.port, BASE, on_event=handler, **kw).start()
+    pub = Publisher(make_cfg(mosquitto, tmp_path), BASE, STATUS_INFO)
+    pub.start()
+    try:
+        events = [make_reject(i) for i in range(3)]
+        for ev in events:
+            pub.publish_reject(ev)
+        assert pub.flush(5)
+        assert gate.wait_rejects(2, 5) and gate.errors == 1
+        assert failed == [events[0]["event_id"]]
+        assert events[0]["event_id"] not in ids(gate.rejects())  # not recorded: not handled
+        gate.stop()
+        # The same persistent session again: the broker re-delivers the unacknowledged one.
+        gate = Listener(mosquitto.host, mosquitto.port, BASE, on_event=handler, **kw).start()
+        assert gate.wait_rejects(1, 10)
+        assert ids(gate.rejects()) == [events[0]["event_id"]]
+    finally:
+        gate.stop()
+        pub.close()
+
+
+@pytest.mark.broker
+def test_gate_reports_seq_gaps_and_late_fills(mosquitto):
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    with Listener(mosquitto.host, mosquitto.port, BASE) as gate:
+        raw = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        raw.connect(mosquitto.host, mosquitto.port)
+        raw.loop_start()
+        try:
+            for bd, seq in [(0, 1), (0, 2), (0, 5), (0, 3), (1, 1)]:
+                ev = {**make_reject(seq), "seq": seq, "bd_seq": bd}
+                raw.publish(f"{BASE}/reject", encode_event(ev), qos=1).wait_for_publish(5)
+            assert gate.wait_rejects(5, 5)
+        finally:
+            raw.loop_stop()
+            raw.disconnect()
+        # 3 and 4 went missing; 3 arrived late; a new bd_seq (restart) starts again at 1.
+        assert gate.gaps() == {f"{BASE} bd_seq=0": [4]}
+        assert any("seq 3..4 missing" in g for g in gate.gap_events)
+        assert any("seq 3 arrived late" in g for g in gate.gap_events)
