@@ -104,7 +104,9 @@ def _check_broker(cfg: Any, status: dict[str, Any]) -> str:
     mq.client_id = f"{cfg.mqtt.client_id}-check"
     with tempfile.TemporaryDirectory(prefix="lineinspect-check-") as tmp:
         mq.spool = str(Path(tmp) / "spool.sqlite")
-        pub = Publisher(mq, f"{cfg.topic_base}/check", status)
+        # Its own topic, nothing retained: a check leaves no trace a gate or deploy could
+        # mistake for the station's status.
+        pub = Publisher(mq, f"{cfg.topic_base}/check", status, retain_status=False)
         pub.start()
         pub.close(timeout_s=2)
     return f"{mq.host}:{mq.port}"

@@ -188,6 +188,7 @@ class Publisher:
         resend_window: int = 40,
         retry_interval_s: float = 30.0,
         session_expiry_s: int = 3600,
+        retain_status: bool = True,
     ) -> None:
         self.cfg = cfg
         self.topic_base = topic_base.rstrip("/")
@@ -204,6 +205,8 @@ class Publisher:
         self.resend_window = resend_window
         self.retry_interval_s = retry_interval_s
         self.session_expiry_s = session_expiry_s
+        # False for a probe (`edge check`): its status must not linger as a retained message.
+        self.retain_status = retain_status
         self.spool = Spool(cfg.spool, cfg.spool_max_events)
 
         self._lock = threading.Lock()  # client.publish + the bookkeeping below
@@ -294,7 +297,7 @@ class Publisher:
             self.topics["status"],
             self._status_payload("offline", reason="connection lost (last will)"),
             qos=1,
-            retain=True,
+            retain=self.retain_status,
         )
         password = cfg.password if cfg.password is not None else os.environ.get(PASSWORD_ENV)
         if cfg.username is not None or password:
@@ -396,7 +399,7 @@ class Publisher:
                         self.topics["status"],
                         self._status_payload("offline", reason="shutdown"),
                         qos=1,
-                        retain=True,
+                        retain=self.retain_status,
                     )
             status_deadline = max(deadline, time.monotonic() + 1.0)
             while info is not None and not info.is_published():
@@ -652,7 +655,10 @@ class Publisher:
     def _publish_status_locked(self, **extra: Any) -> None:
         if self._connected and not self._closing:
             self._publish_locked(
-                self.topics["status"], self._status_payload("online", **extra), qos=1, retain=True
+                self.topics["status"],
+                self._status_payload("online", **extra),
+                qos=1,
+                retain=self.retain_status,
             )
 
     def publish_heartbeat(self, info: dict) -> bool:
@@ -667,7 +673,7 @@ class Publisher:
                     self.topics["status"],
                     self._status_payload("online", **extra),
                     qos=0,
-                    retain=True,
+                    retain=self.retain_status,
                 )
                 is not None
             )
@@ -714,7 +720,10 @@ class Publisher:
             log.info("spool %s alarm now: %s", self.spool.path, self._alarm_text() or "cleared")
         if self._connected and not self._closing:
             self._publish_locked(
-                self.topics["status"], self._status_payload("online"), qos=1, retain=True
+                self.topics["status"],
+                self._status_payload("online"),
+                qos=1,
+                retain=self.retain_status,
             )
 
     # -- paho callbacks (network thread): only enqueue ------------------------------------------
@@ -884,7 +893,10 @@ class Publisher:
             self._connected = True
             self._first_connect_handled.set()
             self._publish_locked(
-                self.topics["status"], self._status_payload("online"), qos=1, retain=True
+                self.topics["status"],
+                self._status_payload("online"),
+                qos=1,
+                retain=self.retain_status,
             )
             self._resend_cursor = 0
             self._next_retry = time.monotonic() + self.retry_interval_s

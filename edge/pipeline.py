@@ -55,6 +55,7 @@ import edge
 from edge.backends import load_backend
 from edge.bundle import Bundle
 from edge.errors import BackendError, ConfigError, LineInspectError, SourceError
+from edge.liveness import Liveness, sd_notify
 from edge.metrics import LatencyWindows, quantiles
 from edge.postprocess import Decision, PostProcessor, effective_min_area
 from edge.postprocess import from_bundle as postprocessor_from_bundle
@@ -379,6 +380,8 @@ class Station:
         watcher: ThresholdsWatcher | None = None,
         window: int = 2048,
         on_error: str = "reject",
+        heartbeat_s: float = 5.0,
+        stall_s: float = 10.0,
     ):
         if mode not in ("triggered", "continuous"):
             raise ValueError(f"mode: expected triggered or continuous, got {mode!r}")
@@ -409,6 +412,8 @@ class Station:
         self.rejects = 0
         self.unverified = 0  # parts without a valid verdict (rejected, or passed by on_error)
         self.last_cause: str | None = None
+        self.unverified_passed = 0  # of those, let through by on_error: pass (no decision)
+        self.liveness = Liveness(self, heartbeat_s, stall_s)
         self.drops = 0
         self.drained_after_stop = 0
         self.errors = dict.fromkeys(ERROR_STAGES, 0)
@@ -499,6 +504,7 @@ class Station:
                 cause = f"preprocess failed: {' '.join(str(exc).split())[:300]}"
         if cause is not None and self.on_error == "pass":
             self.unverified += 1
+            self.unverified_passed += 1
             return True  # on_error: pass: counted, the part gets no reject
         # An unverified item still queues in frame order; the engine passes it on uninferred.
         item = _Item(frame, self, x, t_pre=time.monotonic(), cause=cause)
@@ -527,6 +533,7 @@ class Station:
                 next_metrics = now + self.metrics_interval_s
             if self.watcher is not None:
                 self.watcher.poll(now)  # between frames: never mid-decision
+            self.liveness.tick(now)
             try:
                 item = self.q_out.get(timeout=min(POLL_S, max(0.0, next_metrics - now)))
             except queue.Empty:
@@ -553,6 +560,7 @@ class Station:
             self.unverified += 1
             self.last_cause = decision.cause
             if self.on_error == "pass":
+                self.unverified_passed += 1
                 return  # counted (and logged where it failed); the part is let through
         t_dec = time.monotonic()
         post_cpu = time.thread_time() - cpu0
@@ -580,6 +588,7 @@ class Station:
         t_pub = time.monotonic()
 
         self.frames += 1
+        self.liveness.decided(frame)
         self.rejects += int(decision.reject)
         self._recent.append(decision.reject)
         if not decision.reject:
@@ -1008,6 +1017,8 @@ class Pipeline:
                     watcher=watcher,
                     window=cfg.metrics.window,
                     on_error=cfg.on_error,
+                    heartbeat_s=cfg.heartbeat_s,
+                    stall_s=cfg.stall_s,
                 )
                 p["engine"].attach(st)
                 stations.append(st)
@@ -1068,10 +1079,18 @@ class Pipeline:
             # daemon: a wedged driver must not keep the process alive after exit
             for t in threads:
                 t.start()
+            # systemd (Type=notify): ready once every thread runs; the watchdog is fed only
+            # while every station decides or idles with nothing waiting (edge/liveness.py).
+            sd_notify("READY=1")
+            next_dog = 0.0
             # Join with a timeout so signal handlers run promptly in the main thread.
             for t in threads:
                 while t.is_alive():
                     t.join(POLL_S)
+                    now = time.monotonic()
+                    if now >= next_dog and all(st.liveness.healthy() for st in self.stations):
+                        sd_notify("WATCHDOG=1")
+                        next_dog = now + 1.0
         finally:
             ctl.stop.set()
             self._shutdown()

@@ -867,3 +867,16 @@ def test_gate_reports_seq_gaps_and_late_fills(mosquitto):
         assert gate.gaps() == {f"{BASE} bd_seq=0": [4]}
         assert any("seq 3..4 missing" in g for g in gate.gap_events)
         assert any("seq 3 arrived late" in g for g in gate.gap_events)
+
+
+@pytest.mark.broker
+def test_probe_publisher_leaves_no_retained_status(tmp_path, mosquitto):
+    # `edge check` connects with retain_status=False on <base>/check: nothing lingers there.
+    pub = Publisher(
+        make_cfg(mosquitto, tmp_path), f"{BASE}/check", STATUS_INFO, retain_status=False
+    )
+    pub.start()
+    pub.close()
+    with Listener(mosquitto.host, mosquitto.port, f"{BASE}/check") as later:
+        time.sleep(0.5)
+        assert later.of_kind("status") == []

@@ -491,7 +491,7 @@ def test_end_to_end_rejects_over_mqtt(tmp_path, mosquitto, bundle_dir, capsys):
     assert sorted(e["part_id"] for e in rejects) == [f"frame_{i:03d}" for i in sorted(defective)]
     assert len({e["event_id"] for e in rejects}) == len(rejects) == len(defective)
     for e in rejects:
-        assert set(e) == REJECT_KEYS and e["regions"] and e["line"] == "lineT"
+        assert set(e) == REJECT_KEYS | {"seq", "bd_seq"} and e["regions"] and e["line"] == "lineT"
     s = json.loads(summary.read_text())
     assert s["frames"] == 10 and s["rejects"] == len(defective) and s["drops"] == 0
 
@@ -752,3 +752,78 @@ def test_memory_stays_flat_in_a_long_replay(tmp_path, bundle_dir):
     assert growth < 10.0, f"RSS grew {growth:.1f} MB between frame 800 and 4000"
     ev = sum(f.stat().st_size for f in (tmp_path / "ev").iterdir())
     assert ev <= 0.5 * 2**20 and s["evidence"]["evidence_deleted"] > 0
+
+
+def test_heartbeat_stalled_alarm_and_sd_notify(tmp_path, bundle_dir, monkeypatch):
+    """A backend that hangs: the source delivers, nothing is decided -> `stalled`; the watchdog
+    is fed before, not while stalled; READY=1 once running."""
+    import socket
+
+    sock_path = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(sock_path))
+    server.settimeout(0.1)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+
+    class Alarmed(FakePublisher):
+        def __init__(self):
+            super().__init__()
+            self.alarms, self.beats = {}, []
+
+        def raise_alarm(self, kind, text):
+            self.alarms[kind] = text
+
+        def clear_alarm(self, kind):
+            self.alarms.pop(kind, None)
+
+        def publish_heartbeat(self, info):
+            self.beats.append(info)
+
+    folder = write_frames(tmp_path / "frames", set(), 4, FRAME_SHAPE)
+    hang = threading.Event()
+    p, pub = build(bundle_dir, folder_source(folder, loop=True), publisher=Alarmed())
+    p.station.liveness.heartbeat_s, p.station.liveness.stall_s = 0.1, 0.5
+    inner = p.engines[0].backend.infer
+
+    def infer(x):
+        if hang.is_set():
+            hang.wait_released.wait()
+        return inner(x)
+
+    hang.wait_released = threading.Event()
+    p.engines[0].backend.infer = infer
+    runner = threading.Thread(target=p.run, daemon=True)
+    runner.start()
+    got: list[bytes] = []
+
+    def drain_notify():
+        while True:
+            try:
+                got.append(server.recv(64))
+            except TimeoutError:
+                return
+
+    try:
+        deadline = time.monotonic() + 10
+        while p.station.frames < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        drain_notify()
+        assert got[0] == b"READY=1" and b"WATCHDOG=1" in got
+        assert pub.beats and pub.beats[-1]["last_decided"]["frame"] >= 0
+        hang.set()
+        deadline = time.monotonic() + 10
+        while "stalled" not in pub.alarms and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "not decided" in pub.alarms["stalled"]
+        got.clear()
+        drain_notify()
+        time.sleep(1.2)
+        drain_notify()
+        assert b"WATCHDOG=1" not in got  # stalled: systemd's watchdog is not fed
+    finally:
+        hang.clear()
+        hang.wait_released.set()
+        p.stop()
+        runner.join(10)
+        server.close()
+    assert "stalled" not in pub.alarms  # cleared when decisions resumed
