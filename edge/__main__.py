@@ -19,6 +19,7 @@ from typing import Any
 
 from edge import __version__, config
 from edge.errors import LineInspectError, SourceError
+from edge.redact import redact_uri
 
 log = logging.getLogger("edge")
 
@@ -103,7 +104,9 @@ def _check_broker(cfg: Any, status: dict[str, Any]) -> str:
     mq.client_id = f"{cfg.mqtt.client_id}-check"
     with tempfile.TemporaryDirectory(prefix="lineinspect-check-") as tmp:
         mq.spool = str(Path(tmp) / "spool.sqlite")
-        pub = Publisher(mq, f"{cfg.topic_base}/check", status)
+        # Its own topic, nothing retained: a check leaves no trace a gate or deploy could
+        # mistake for the station's status.
+        pub = Publisher(mq, f"{cfg.topic_base}/check", status, retain_status=False)
         pub.start()
         pub.close(timeout_s=2)
     return f"{mq.host}:{mq.port}"
@@ -200,14 +203,14 @@ def _check_one(path: str) -> None:
                 try:
                     frame = source.read(timeout=max(0.0, deadline - time.monotonic()))
                 except EndOfStream:
-                    raise SourceError(f"{cfg.source.uri}: no readable frame") from None
+                    raise SourceError(f"{redact_uri(cfg.source.uri)}: no readable frame") from None
             if frame is None:
-                raise SourceError(f"{cfg.source.uri}: no frame within {timeout:.0f}s")
+                raise SourceError(f"{redact_uri(cfg.source.uri)}: no frame within {timeout:.0f}s")
             st = source.stats()
             skipped = f", {st['corrupt']} unreadable skipped" if st.get("corrupt") else ""
             _ok(
                 "source",
-                f"{cfg.source.uri}: frame {frame.image.shape[1]}x{frame.image.shape[0]} "
+                f"{redact_uri(cfg.source.uri)}: frame {frame.image.shape[1]}x{frame.image.shape[0]} "
                 f"from {frame.source}{skipped}",
             )
         finally:
@@ -274,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--metrics-host",
-        default="0.0.0.0",
+        default="127.0.0.1",
         metavar="HOST",
-        help="address the metrics endpoint listens on (default all interfaces)",
+        help="address the metrics endpoint listens on (default 127.0.0.1: this machine only; "
+        "0.0.0.0 exposes it to the network, unauthenticated)",
     )
     r.set_defaults(func=cmd_run)
 
@@ -317,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LineInspectError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {redact_uri(' '.join(str(exc).split()))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -371,7 +371,10 @@ def run(args: argparse.Namespace) -> int:
             rounds = []
             for r in range(args.rounds):
                 bare = bench_backend(backend, frames)
-                pipe = bench_pipeline(cfg, args.frames)
+                # A subscriber, as on a line (the gate): a reject nobody subscribes to is not
+                # delivered, stays spooled, and would turn up in the next phase.
+                with Listener(host, port, cfg.topic_base, keep_events=False):
+                    pipe = bench_pipeline(cfg, args.frames)
                 ratio = pipe["images_per_s"] / bare["images_per_s"]
                 rounds.append({"backend": bare, "pipeline": pipe, "ratio": round(ratio, 4)})
                 print(

@@ -7,6 +7,9 @@ can be moved or deployed as a whole.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -14,11 +17,28 @@ from typing import Literal
 from edge import typedconfig
 from edge.errors import ConfigError
 
+# Names that end up in MQTT topics, client ids and file names: no wildcard (#, +), no level
+# separator (/), no whitespace or control characters, nothing a shell or a broker ACL reads twice.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CREDENTIAL_KEYS = ("mqtt_username", "mqtt_password")
+
+
+def check_name(key: str, value: str) -> None:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{key}: {value!r} is not a valid name (letters, digits, '_', '.', '-'; first a "
+            "letter or digit; at most 64; no '#', '+', '/', spaces or control characters)"
+        )
+
 
 @dataclass
 class StationId:
     line: str = "line1"
     name: str = "station1"
+
+    def validate(self) -> None:
+        check_name("line", self.line)
+        check_name("name", self.name)
 
 
 @dataclass
@@ -95,6 +115,19 @@ class MqttConfig:
     spool: str = "spool.sqlite"  # reject events wait here until the broker acknowledges them
     spool_max_events: int = 100000
     reconnect_max_s: float = 10.0
+    # Rejects published but not yet acknowledged (paho's in-flight window). When the broker
+    # stops acknowledging, the window fills, new rejects wait in the spool and an alarm is raised.
+    max_inflight: int = 100
+    # Free disk space kept for the spool: evidence and recalibration samples are not written
+    # when the spool's file system has less than this left.
+    spool_reserve_mb: float = 64.0
+
+    def validate(self) -> None:
+        check_name("prefix", self.prefix)
+        if self.max_inflight < 1:
+            raise ValueError(f"max_inflight: must be >= 1, got {self.max_inflight}")
+        if self.spool_reserve_mb < 0:
+            raise ValueError(f"spool_reserve_mb: must be >= 0, got {self.spool_reserve_mb}")
 
 
 def _check_rate(key: str, rate: float) -> None:
@@ -186,6 +219,9 @@ class StationConfig:
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     mode: Literal["triggered", "continuous"] = "triggered"
+    # A part without a valid verdict (undecodable frame, failed inference, NaN output): reject
+    # it as `unverified` (default), or let it pass, counted (must be explicit; warned at start).
+    on_error: Literal["reject", "pass"] = "reject"
     queue_size: int = 4
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
@@ -195,6 +231,13 @@ class StationConfig:
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    # A YAML mapping with optional mqtt_username / mqtt_password, readable by its owner only;
+    # its values override mqtt.username / mqtt.password. Never logged nor published.
+    credentials_file: str | None = None
+    # Liveness: a heartbeat on <base>/status every heartbeat_s; a `stalled` alarm when the
+    # source delivers frames but none is decided for stall_s.
+    heartbeat_s: float = 5.0
+    stall_s: float = 10.0
     # Set by load(): where the file was, and a hash of its text (published in status).
     path: str = ""
     sha256: str = ""
@@ -202,6 +245,10 @@ class StationConfig:
     def validate(self) -> None:
         if self.queue_size < 1:
             raise ValueError(f"queue_size: must be >= 1, got {self.queue_size}")
+        if self.heartbeat_s <= 0 or self.stall_s <= 0:
+            raise ValueError(
+                f"heartbeat_s/stall_s: must be > 0, got {self.heartbeat_s}, {self.stall_s}"
+            )
 
     @property
     def topic_base(self) -> str:
@@ -244,4 +291,40 @@ def load(path: str | Path) -> StationConfig:
             setattr(cfg.mqtt.tls, key, _resolve(base, getattr(cfg.mqtt.tls, key)))
     if not cfg.mqtt.client_id:
         cfg.mqtt.client_id = f"lineinspect-{cfg.station.line}-{cfg.station.name}"
+    if cfg.credentials_file is not None:
+        cfg.credentials_file = _resolve(base, cfg.credentials_file)
+        creds = load_credentials(cfg.credentials_file)
+        if "mqtt_username" in creds:
+            cfg.mqtt.username = creds["mqtt_username"]
+        if "mqtt_password" in creds:
+            cfg.mqtt.password = creds["mqtt_password"]
     return cfg
+
+
+def load_credentials(path: str | Path) -> dict[str, str]:
+    """The credentials file: a YAML mapping of CREDENTIAL_KEYS to strings, owner-only.
+
+    Refused (ConfigError naming the file, never its content) when group or others may read or
+    write it, when it is not a mapping, or has another key or a non-string value."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: credentials_file: {exc.strerror or exc}") from exc
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{path}: credentials_file is accessible by group/others (mode "
+            f"{stat.S_IMODE(st.st_mode):o}); chmod 600 it"
+        )
+    data = typedconfig.read_yaml(path)
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if key not in CREDENTIAL_KEYS:
+            raise ConfigError(
+                f"{path}: credentials_file: unknown key {key} "
+                f"(expected {', '.join(CREDENTIAL_KEYS)})"
+            )
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: credentials_file: {key}: expected a non-empty string")
+        out[key] = value
+    return out

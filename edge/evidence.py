@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from collections import OrderedDict, deque
@@ -197,8 +198,14 @@ class EvidenceWriter:
         recal_rate: float = 0.0,
         info: dict | None = None,
         queue_size: int = 8,
+        reserve_dir: str | None = None,
+        reserve_mb: float = 0.0,
     ):
         mb = 1024 * 1024
+        # The spool comes first: no evidence or sample is written while the spool's file system
+        # has less than reserve_mb free (counted as skipped_for_spool).
+        self.reserve_dir = reserve_dir
+        self.reserve_bytes = int(reserve_mb * mb)
         self.evidence = QuotaDir(evidence_dir, evidence_quota_mb * mb) if evidence_dir else None
         self.recal = QuotaDir(recal_dir, recal_quota_mb * mb) if recal_dir else None
         self._pass_sampler = Sampler(sample_pass_rate)
@@ -214,6 +221,7 @@ class EvidenceWriter:
             "recalibration_written": 0,
             "dropped": 0,
             "errors": 0,
+            "skipped_for_spool": 0,
         }
         if self.recal is not None:
             _atomic_write(
@@ -309,7 +317,31 @@ class EvidenceWriter:
                 if n <= 5 or n % 100 == 0:
                     log.error("cannot write %s %s (error #%d): %s", job.kind, job.stem, n, exc)
 
+    def _spool_room(self) -> bool:
+        if self.reserve_dir is None or self.reserve_bytes <= 0:
+            return True
+        try:
+            free = shutil.disk_usage(self.reserve_dir).free
+        except OSError as exc:
+            raise OSError(f"cannot check free space for the spool reserve: {exc}") from exc
+        if free >= self.reserve_bytes:
+            return True
+        self.counts["skipped_for_spool"] += 1
+        n = self.counts["skipped_for_spool"]
+        if n == 1 or n % 100 == 0:
+            log.warning(
+                "%s has %.0f MB free, below the spool reserve (%.0f MB): %s not written (%d so far)",
+                self.reserve_dir,
+                free / 2**20,
+                self.reserve_bytes / 2**20,
+                "evidence/recalibration file",
+                n,
+            )
+        return False
+
     def _write(self, job: _Job) -> None:
+        if not self._spool_room():
+            return
         if job.kind == "recalibration":
             ok, png = cv2.imencode(".png", job.frame.image)
             if not ok:
@@ -390,4 +422,6 @@ def from_config(cfg: Any, info: dict | None = None) -> EvidenceWriter | None:
         recal_rate=rc.sample_rate,
         info=info,
         queue_size=ev.queue_size,
+        reserve_dir=str(Path(cfg.mqtt.spool).parent),
+        reserve_mb=cfg.mqtt.spool_reserve_mb,
     )

@@ -2,6 +2,10 @@
 
 `Listener` subscribes ``<base>/#`` at QoS 1, drops duplicate reject events by event_id (the
 publisher may send one twice after a reconnect, never zero times) and collects what arrives.
+It acknowledges a message to the broker (paho manual ack) only once it was handled (`on_event`
+returned); an event whose handler raised is neither acknowledged nor recorded, so the broker
+delivers it again on the next connection of a persistent session. It watches each station's
+`seq`/`bd_seq` and reports gaps (`gaps()`; `edge listen` prints them).
 
     python -m edge listen CONFIG [--count N] [--timeout S] [--json] [--client-id ID]
 
@@ -106,8 +110,11 @@ class Listener:
         self.reject_count = 0  # distinct reject events received
         self.duplicates = 0
         self.bad_payloads = 0  # not JSON
-        self.errors = 0  # exceptions while handling a message (logged)
+        self.errors = 0  # exceptions while handling a message (logged; message not acknowledged)
         self.connects = 0
+        # (station topic base, bd_seq) -> [highest seq seen, set of missing seqs below it]
+        self._seqs: dict[tuple[str, int], list] = {}
+        self.gap_events: list[str] = []  # one line per gap seen (and per gap filled later)
         # The most recent dedupe_window reject ids: a publisher re-sends an event within seconds
         # to minutes of the first copy (reconnect, restart), so a bounded window is enough.
         self._reject_ids: OrderedDict[str, None] = OrderedDict()
@@ -138,6 +145,7 @@ class Listener:
             client_id=self.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else not self.persistent,
+            manual_ack=True,  # acknowledge only what was handled (see _on_message)
         )
         if self.username is not None or self.password:
             client.username_pw_set(self.username or "", self.password)
@@ -208,8 +216,42 @@ class Listener:
         try:
             self._collect(msg)
         except Exception:  # paho would otherwise stop its loop; count it and keep listening
+            # Not acknowledged: with a persistent session the broker delivers it again on the
+            # next connection, so a failed handler costs a delay, never the event.
             self.errors += 1
-            log.exception("cannot handle a message on %s", msg.topic)
+            log.exception(
+                "cannot handle a message on %s; not acknowledged (redelivered on reconnect)",
+                msg.topic,
+            )
+            return
+        if msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
+
+    def _track_seq(self, topic: str, payload: dict) -> None:
+        seq, bd = payload.get("seq"), payload.get("bd_seq")
+        if not isinstance(seq, int) or not isinstance(bd, int):
+            return
+        base = topic.rsplit("/", 1)[0]
+        state = self._seqs.setdefault((base, bd), [0, set()])
+        top, missing = state
+        if seq > top + 1:
+            missing.update(range(top + 1, seq))
+            line = f"GAP {base} bd_seq={bd}: seq {top + 1}..{seq - 1} missing (got {seq})"
+            self.gap_events.append(line)
+            log.warning("%s", line)
+        elif seq in missing:
+            missing.discard(seq)
+            self.gap_events.append(f"GAP FILLED {base} bd_seq={bd}: seq {seq} arrived late")
+        state[0] = max(top, seq)
+
+    def gaps(self) -> dict[str, list[int]]:
+        """Reject seqs missing right now, per `<base> bd_seq=N` (late arrivals fill them)."""
+        with self._cond:
+            return {
+                f"{base} bd_seq={bd}": sorted(missing)
+                for (base, bd), (_, missing) in self._seqs.items()
+                if missing
+            }
 
     def _collect(self, msg: mqtt.MQTTMessage) -> None:
         kind = msg.topic.rsplit("/", 1)[-1]
@@ -221,22 +263,28 @@ class Listener:
             payload = None
             self.bad_payloads += 1
         event = Event(kind, msg.topic, payload, bytes(msg.payload), bool(msg.retain))
+        eid = None
+        if kind == "reject" and isinstance(payload, dict):
+            eid = payload.get("event_id")
+            with self._cond:
+                if eid is not None and eid in self._reject_ids:
+                    self.duplicates += 1
+                    return  # handled before: acknowledged again, not handled twice
+        # The handler first: only an event it took is recorded (and then acknowledged).
+        if self.on_event is not None:
+            self.on_event(event)
         with self._cond:
             if kind == "reject":
-                eid = payload.get("event_id") if isinstance(payload, dict) else None
                 if eid is not None:
-                    if eid in self._reject_ids:
-                        self.duplicates += 1
-                        return
                     self._reject_ids[eid] = None
                     if len(self._reject_ids) > self.dedupe_window:
                         self._reject_ids.popitem(last=False)
+                if isinstance(payload, dict):
+                    self._track_seq(msg.topic, payload)
                 self.reject_count += 1
             if self.keep_events:
                 self.events.append(event)
             self._cond.notify_all()
-        if self.on_event is not None:
-            self.on_event(event)
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -352,9 +400,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config)
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+
+        def handle(event: Event) -> None:
+            # Printed before the broker gets its acknowledgement: a failed print (closed pipe)
+            # leaves the event unacknowledged, to be delivered again.
+            if args.json:
+                line = {"topic": event.topic, "retained": event.retained, "payload": event.payload}
+                print(json.dumps(line), flush=True)
+            else:
+                print(format_event(event), flush=True)
+            events.put(event)
+
         listener = Listener.from_config(
             cfg,
-            on_event=events.put,
+            on_event=handle,
             client_id=args.client_id,
             persistent=args.client_id is not None,
             keep_events=False,
@@ -365,6 +424,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     rejects = 0
+    printed_gaps = 0
     try:
         while args.count is None or rejects < args.count:
             left = None if deadline is None else deadline - time.monotonic()
@@ -375,15 +435,15 @@ def run(args: argparse.Namespace) -> int:
             except queue.Empty:
                 continue
             rejects += event.kind == "reject"
-            if args.json:
-                line = {"topic": event.topic, "retained": event.retained, "payload": event.payload}
-                print(json.dumps(line), flush=True)
-            else:
-                print(format_event(event), flush=True)
+            while printed_gaps < len(listener.gap_events):
+                print(listener.gap_events[printed_gaps], file=sys.stderr, flush=True)
+                printed_gaps += 1
     except KeyboardInterrupt:
         pass
     finally:
         listener.stop()
+    for where, seqs in listener.gaps().items():
+        print(f"GAP {where}: reject seq(s) never received: {seqs}", file=sys.stderr)
     if args.count is not None and rejects < args.count:
         print(f"timeout: {rejects} of {args.count} reject events", file=sys.stderr)
         return 1

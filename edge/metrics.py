@@ -211,15 +211,66 @@ def render_prometheus(snapshots: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class MetricsServer:
-    """HTTP server for /metrics in a daemon thread. port 0 = any free port (see .port)."""
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, at most `max_connections` at a time; the rest are closed at
+    once (counted). With the handler's socket timeout, idle or slow clients cannot pile up
+    threads or file descriptors next to the pipeline."""
 
-    def __init__(self, provider: Callable[[], list[dict[str, Any]]], port: int, host: str = ""):
+    daemon_threads = True
+    request_queue_size = 1024  # a burst of connections waits in the kernel, not in SYN retries
+
+    def __init__(self, addr: tuple[str, int], handler: type, max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0
+        super().__init__(addr, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning(
+                    "metrics http: connection limit reached; %d connection(s) refused so far",
+                    self.refused,
+                )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class MetricsServer:
+    """HTTP server for /metrics in a daemon thread. port 0 = any free port (see .port).
+
+    Binds 127.0.0.1 unless told otherwise (scrape through an SSH tunnel or a local agent);
+    a connection idle for `timeout_s` is closed and at most `max_connections` are served at a
+    time, so a flood of idle connections costs neither threads nor the pipeline's cores."""
+
+    def __init__(
+        self,
+        provider: Callable[[], list[dict[str, Any]]],
+        port: int,
+        host: str = "127.0.0.1",
+        *,
+        timeout_s: float = 5.0,
+        max_connections: int = 8,
+    ):
         self.provider = provider
+        self.host = host
 
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_s  # socket timeout: an idle or slow client is dropped
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 if self.path.split("?", 1)[0] not in ("/metrics", "/"):
                     self.send_error(404, "only /metrics here")
@@ -240,14 +291,13 @@ class MetricsServer:
                 log.debug("metrics http: " + fmt, *args)
 
         try:
-            self._server = ThreadingHTTPServer((host, port), Handler)
+            self._server = _BoundedHTTPServer((host, port), Handler, max_connections)
         except OSError as exc:
             from edge.errors import ConfigError
 
             raise ConfigError(
                 f"--metrics-port {port}: cannot listen: {exc.strerror or exc}"
             ) from exc
-        self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True
@@ -255,8 +305,13 @@ class MetricsServer:
 
     def start(self) -> MetricsServer:
         self._thread.start()
-        log.info("Prometheus metrics on http://%s:%d/metrics", "0.0.0.0", self.port)
+        log.info("Prometheus metrics on http://%s:%d/metrics", self.host or "0.0.0.0", self.port)
         return self
+
+    @property
+    def refused(self) -> int:
+        """Connections closed at once because max_connections were open."""
+        return self._server.refused
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -8,7 +8,16 @@ Topics, under ``<prefix>/<line>/<station>`` (the topic base):
   disk sync is not on the way to the broker; consumers drop duplicates by event_id.
 - ``result``  every part (optional), QoS 0 by default (``result_qos``), best effort, not spooled.
 - ``status``  retained: ``online`` on every (re)connect, ``offline`` on a clean close and as the
-  last will when the connection dies; ``alarm`` when the spool fills up.
+  last will when the connection dies; ``alarm`` while any alarm holds (spool filling up, a spool
+  write failing, a spool recovered or recreated, no subscriber for the rejects, the broker not
+  acknowledging, a stalled pipeline); a periodic heartbeat (``heartbeat``).
+
+Every reject carries ``seq`` (1, 2, ... per station process) and ``bd_seq`` (incremented at every
+start, kept in the spool file), so a gate sees a gap when an event is missing. A PUBACK with
+reason "no matching subscribers" (MQTT 5, code 16) does not delete the event: it stays spooled,
+is retried, and an alarm holds until a reject is acknowledged with success. At most
+``max_inflight`` rejects are unacknowledged at a time; when the oldest has waited
+``ACK_ALARM_S`` an alarm says the broker stopped acknowledging.
 - ``metrics`` QoS 0, periodic.
 
 Threads: the caller's (publish_*), paho's network loop, and one worker of ours. Paho callbacks only
@@ -67,6 +76,9 @@ paho_log.addFilter(_PahoNoise())
 _SOCKET_ERRORS = ("failed to receive on socket", "timeout on socket")
 PASSWORD_ENV = "LINEINSPECT_MQTT_PASSWORD"
 ALARM_LEVELS = (50, 90)  # percent of the spool; 100 = full (publish_reject raises)
+ACK_ALARM_S = 5.0  # the oldest unacknowledged reject this old: "broker not acknowledging"
+NO_SUBSCRIBERS = 16  # MQTT 5 PUBACK reason code "No matching subscribers"
+NO_SUBSCRIBER_RETRY_S = 2.0  # re-send pass after such a PUBACK (a gate may subscribe soon)
 _ALARM_CLEAR_MARGIN = 5  # percent below a level before its alarm clears (no flapping)
 
 
@@ -176,6 +188,7 @@ class Publisher:
         resend_window: int = 40,
         retry_interval_s: float = 30.0,
         session_expiry_s: int = 3600,
+        retain_status: bool = True,
     ) -> None:
         self.cfg = cfg
         self.topic_base = topic_base.rstrip("/")
@@ -192,6 +205,8 @@ class Publisher:
         self.resend_window = resend_window
         self.retry_interval_s = retry_interval_s
         self.session_expiry_s = session_expiry_s
+        # False for a probe (`edge check`): its status must not linger as a retained message.
+        self.retain_status = retain_status
         self.spool = Spool(cfg.spool, cfg.spool_max_events)
 
         self._lock = threading.Lock()  # client.publish + the bookkeeping below
@@ -207,6 +222,12 @@ class Publisher:
         self._resend_cursor: int | None = None  # spool seq of the running re-send pass
         self._next_retry = 0.0
         self._alarm_level = 0
+        # Alarms besides the spool fill level, by kind; all of them go out in status "alarm".
+        self._alarms: dict[str, str] = {}
+        self.bd_seq: int | None = None  # set at start(): this process's birth/death sequence
+        self._seq = 0  # last reject seq handed out
+        self._max_inflight = getattr(cfg, "max_inflight", 100)
+        self._last_ack = time.monotonic()
         self._counts = dict.fromkeys(
             (
                 "published",
@@ -222,6 +243,9 @@ class Publisher:
                 "callback_errors",
                 "results_dropped",
                 "metrics_dropped",
+                "no_subscribers",
+                "spool_recreated",
+                "held_back",
             ),
             0,
         )
@@ -257,6 +281,11 @@ class Publisher:
         cfg = self.cfg
         t0 = time.monotonic()
         v5 = cfg.protocol == "5"
+        self.bd_seq = self.spool.next_bd_seq()
+        self.status_info["bd_seq"] = self.bd_seq
+        if self.spool.recovered:
+            with self._lock:
+                self._alarms["spool_recovered"] = self.spool.recovered
         client = DiagnosingClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
@@ -268,7 +297,7 @@ class Publisher:
             self.topics["status"],
             self._status_payload("offline", reason="connection lost (last will)"),
             qos=1,
-            retain=True,
+            retain=self.retain_status,
         )
         password = cfg.password if cfg.password is not None else os.environ.get(PASSWORD_ENV)
         if cfg.username is not None or password:
@@ -370,7 +399,7 @@ class Publisher:
                         self.topics["status"],
                         self._status_payload("offline", reason="shutdown"),
                         qos=1,
-                        retain=True,
+                        retain=self.retain_status,
                     )
             status_deadline = max(deadline, time.monotonic() + 1.0)
             while info is not None and not info.is_published():
@@ -429,24 +458,39 @@ class Publisher:
             event_id = str(event["event_id"])
         except KeyError:
             raise ValueError("reject event has no event_id") from None
-        payload = encode_event(event)
         topic = self.topics["reject"]
         with self._lock:
-            if self._connected and event_id not in self._inflight:
+            # seq numbers every reject this process owes, stored or not: a gap at the gate is
+            # exactly a reject that never arrived.
+            self._seq += 1
+            event = {**event, "seq": self._seq, "bd_seq": self.bd_seq or 0}
+            payload = encode_event(event)
+            if len(self._inflight) >= self._max_inflight:
+                self._counts["held_back"] += 1  # the spool keeps it; the pump sends it later
+            elif self._connected and event_id not in self._inflight:
                 self._storing.add(event_id)
                 self._publish_locked(
                     topic, payload, 1, event_id=event_id, window="reject_acked", t_capture=t_capture
                 )
         try:
+            self._check_spool_file()
             self.spool.put(topic, payload, event_id, qos=1)
         except SpoolFullError:
             with self._lock:
                 self._counts["spool_full"] += 1
                 self._set_alarm_locked(100)
             raise
-        except SpoolError:
+        except SpoolError as exc:
             with self._lock:
                 self._counts["spool_errors"] += 1
+                sent = event_id in self._storing
+            # Loud at once: a retained alarm on status (the reject itself went to a connected
+            # broker before the write, when there was one).
+            self.raise_alarm(
+                "spool_write",
+                f"spool write failed ({' '.join(str(exc).split())[:200]}); reject {event_id} "
+                + ("sent but not stored" if sent else "NOT stored, not sent"),
+            )
             raise
         finally:
             with self._lock:
@@ -455,6 +499,7 @@ class Publisher:
                 self._acked_while_storing.discard(event_id)
             if acked_early:  # also when the put failed: the broker has it, count the ack
                 self._ack_spooled([event_id])
+        self.clear_alarm("spool_write")
         if not acked_early:
             with self._lock:
                 self._update_alarm_locked()
@@ -513,6 +558,8 @@ class Publisher:
             out["inflight"] = len(self._inflight)
             out["connected"] = self._connected
             out["alarm"] = self._alarm_text()
+            out["seq"] = self._seq
+            out["bd_seq"] = self.bd_seq
         out["spooled"] = len(self.spool)
         out["spool_fill"] = round(self.spool.fill_ratio, 4)
         return out
@@ -557,6 +604,8 @@ class Publisher:
             track = _Track(event_id, window if t_capture is not None else None, t_capture)
             self._mids.setdefault(info.mid, deque()).append(track)
             if event_id is not None:
+                if not self._inflight:  # the ack clock starts with the first one in flight
+                    self._last_ack = time.monotonic()
                 self._inflight[event_id] = track
                 self._counts["published"] += 1
         else:
@@ -575,7 +624,71 @@ class Publisher:
         return encode_event(payload)
 
     def _alarm_text(self) -> str | None:
-        return f"spool {self._alarm_level}% full" if self._alarm_level else None
+        texts = [f"spool {self._alarm_level}% full"] if self._alarm_level else []
+        texts += self._alarms.values()
+        return "; ".join(texts) or None
+
+    # -- alarms ------------------------------------------------------------------------------------
+
+    def raise_alarm(self, kind: str, text: str) -> None:
+        """Hold an alarm (logged, and at once on the retained status when connected) until
+        clear_alarm(kind). Raising the same text again does nothing."""
+        with self._lock:
+            if self._alarms.get(kind) == text:
+                return
+            self._alarms[kind] = text
+            self._publish_status_locked()
+        log.error("ALARM %s: %s", kind, text)
+
+    def clear_alarm(self, kind: str) -> None:
+        with self._lock:
+            if kind not in self._alarms:
+                return
+            del self._alarms[kind]
+            self._publish_status_locked()
+        log.warning("alarm %s cleared", kind)
+
+    def alarms(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._alarms)
+
+    def _publish_status_locked(self, **extra: Any) -> None:
+        if self._connected and not self._closing:
+            self._publish_locked(
+                self.topics["status"],
+                self._status_payload("online", **extra),
+                qos=1,
+                retain=self.retain_status,
+            )
+
+    def publish_heartbeat(self, info: dict) -> bool:
+        """The periodic retained `online` status with the station's liveness figures (QoS 0:
+        a broker that stops acknowledging must not fill the in-flight window with them)."""
+        with self._lock:
+            if not self._connected or self._closing:
+                return False
+            extra = {"heartbeat": {**info, "seq": self._seq, "bd_seq": self.bd_seq}}
+            return (
+                self._publish_locked(
+                    self.topics["status"],
+                    self._status_payload("online", **extra),
+                    qos=0,
+                    retain=self.retain_status,
+                )
+                is not None
+            )
+
+    def _check_spool_file(self) -> None:
+        """A deleted or replaced spool file: recreate it and alarm (events only the lost file
+        held are gone; those in flight still reach the broker)."""
+        if self.spool.check_file():
+            with self._lock:
+                self._counts["spool_recreated"] += 1
+            self.raise_alarm(
+                "spool_recreated",
+                f"spool {self.spool.path} was deleted or replaced while running; recreated "
+                f"({self.spool.recreated} time(s))",
+            )
 
     def _update_alarm_locked(self) -> None:
         percent = 100.0 * self.spool.fill_ratio
@@ -607,7 +720,10 @@ class Publisher:
             log.info("spool %s alarm now: %s", self.spool.path, self._alarm_text() or "cleared")
         if self._connected and not self._closing:
             self._publish_locked(
-                self.topics["status"], self._status_payload("online"), qos=1, retain=True
+                self.topics["status"],
+                self._status_payload("online"),
+                qos=1,
+                retain=self.retain_status,
             )
 
     # -- paho callbacks (network thread): only enqueue ------------------------------------------
@@ -663,6 +779,7 @@ class Publisher:
                     break
             try:
                 stop = self._handle(items)
+                self._watch()
                 self._pump()
             except Exception:
                 self._callback_failed("worker")
@@ -725,6 +842,24 @@ class Publisher:
                     log.warning("broker refused a status/result message: %s", reason_code)
                 return
             self._inflight.pop(track.event_id, None)
+            self._last_ack = t_ack
+            no_subscribers = (
+                reason_code is not None and getattr(reason_code, "value", 0) == NO_SUBSCRIBERS
+            )
+            if no_subscribers:
+                # The broker took it but nobody will get it: not delivered. Keep it, retry soon.
+                self._counts["no_subscribers"] += 1
+                self._next_retry = min(self._next_retry, time.monotonic() + NO_SUBSCRIBER_RETRY_S)
+                text = f"no subscriber on {self.topics['reject']}: rejects kept in the spool"
+                if self._alarms.get("no_subscribers") != text:
+                    self._alarms["no_subscribers"] = text
+                    self._publish_status_locked()
+                    log.error("ALARM no_subscribers: %s (reject %s)", text, track.event_id)
+                return
+            if not failed and "no_subscribers" in self._alarms:
+                del self._alarms["no_subscribers"]
+                self._publish_status_locked()
+                log.warning("alarm no_subscribers cleared: a reject was delivered")
             if failed:
                 self._counts["refused"] += 1
                 log.warning(
@@ -758,7 +893,10 @@ class Publisher:
             self._connected = True
             self._first_connect_handled.set()
             self._publish_locked(
-                self.topics["status"], self._status_payload("online"), qos=1, retain=True
+                self.topics["status"],
+                self._status_payload("online"),
+                qos=1,
+                retain=self.retain_status,
             )
             self._resend_cursor = 0
             self._next_retry = time.monotonic() + self.retry_interval_s
@@ -814,6 +952,28 @@ class Publisher:
                 socket_error or reason_code,
             )
 
+    def _watch(self) -> None:
+        """Periodic checks of the worker (every <= 0.25 s): the spool file is still ours; the
+        broker still acknowledges what is in flight."""
+        try:
+            self._check_spool_file()
+        except SpoolError as exc:
+            self.raise_alarm("spool_write", f"spool file check failed: {exc}")
+        with self._lock:
+            # While disconnected the outage is what holds them (logged, and the gate sees the
+            # last will); this alarm is for a connection that is up but silent.
+            waiting = len(self._inflight) if self._connected else 0
+            stale = time.monotonic() - self._last_ack if waiting else 0.0
+        if waiting and stale >= ACK_ALARM_S:
+            self.raise_alarm(
+                "not_acknowledging",
+                f"broker {self.address} has not acknowledged for {int(stale)}+ s "
+                f"({waiting} reject(s) in flight, at most {self._max_inflight}; the rest wait "
+                "in the spool)",
+            )
+        elif not waiting or stale < ACK_ALARM_S:
+            self.clear_alarm("not_acknowledging")
+
     def _pump(self) -> None:
         """Re-send spooled events not held by paho, oldest first, at most resend_window in flight."""
         now = time.monotonic()
@@ -830,7 +990,7 @@ class Publisher:
         while True:
             with self._lock:
                 cursor = self._resend_cursor
-                room = self.resend_window - len(self._inflight)
+                room = min(self.resend_window, self._max_inflight) - len(self._inflight)
                 if not self._connected or cursor is None or room <= 0:
                     return
             rows = self.spool.pending(limit=min(room, 50), after_seq=cursor)

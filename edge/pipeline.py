@@ -18,11 +18,18 @@ waiting for the engine, and counts it; latency then stays bounded. After inferen
 dropped. Every frame carries its stage timestamps (capture, preprocessed, inference start/end,
 post start, decided, published); they feed the latency windows and each event's `stages_ms`.
 
+No verdict means reject (edge/verdict.py): a frame that cannot be decoded (triggered mode) or
+preprocessed, a failed inference, a non-finite model output or a failed post-processing gives
+the part an `unverified` reject with the cause, published like any other reject and counted
+(`unverified`); `on_error: pass` (explicit, warned at start) lets such parts through instead.
+
 Shutdown: `stop()` (a signal handler, another thread, end of a file, max_frames) stops capture
 only. On a triggered line the frames a live camera had already buffered are still taken. Every
 captured frame then goes through inference and publishing, evidence is written, publishers are
 flushed (the spool waits for the broker's acknowledgements) and closed. A backend failure is
-fatal: capture stops, what was already inferred is published, and `run()` re-raises it.
+fatal after FATAL_INFER_FAILURES failed inferences in a row: capture stops, every frame already
+captured still gets a verdict (inferred ones their own, the rest `unverified`), and `run()`
+re-raises it.
 
 Memory stays flat: bounded queues, bounded deques, counters, and disk quotas for evidence.
 """
@@ -48,12 +55,14 @@ import edge
 from edge.backends import load_backend
 from edge.bundle import Bundle
 from edge.errors import BackendError, ConfigError, LineInspectError, SourceError
+from edge.liveness import Liveness, sd_notify
 from edge.metrics import LatencyWindows, quantiles
 from edge.postprocess import Decision, PostProcessor, effective_min_area
 from edge.postprocess import from_bundle as postprocessor_from_bundle
 from edge.preprocess import to_input
 from edge.reload import ThresholdsWatcher, validate_thresholds
 from edge.sources import EndOfStream, Frame, open_source
+from edge.verdict import ON_ERROR, unverified
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,9 @@ STAGES = (
 )
 ERROR_STAGES = ("capture", "preprocess", "infer", "postprocess", "evidence", "publish", "metrics")
 POLL_S = 0.1  # how often blocked threads look at the stop/abort flags
+# A wedged accelerator fails every call: after this many failed inferences in a row the run
+# stops (and systemd restarts it) instead of rejecting every part as unverified forever.
+FATAL_INFER_FAILURES = 10
 
 
 @dataclass
@@ -98,6 +110,7 @@ class _Item:
     amap: np.ndarray | None = None  # (1,H,W) float32
     score: float = 0.0
     batch: int = 1
+    cause: str | None = None  # set when the part cannot get a real verdict (edge.verdict)
 
 
 def warn_thresholds_precision(thresholds: Any, bundle: Bundle, precision: str) -> bool:
@@ -240,6 +253,8 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.batches = 0
         self.batched_frames = 0
+        self.failed_in_a_row = 0
+        self.broken: str | None = None  # set once the backend is given up: no more inference
 
     @property
     def max_batch(self) -> int:
@@ -260,44 +275,65 @@ class Engine:
                 break  # every station's capture ended and everything was inferred
             if not items:
                 continue
-            n = len(items)
-            if n == 1 and self.fixed_batch in (None, 1):
-                x = items[0].x[None]
-            else:
-                x = np.zeros((max(n, self.fixed_batch or 0), c, h, w), np.uint8)
-                for i, it in enumerate(items):
-                    x[i] = it.x
-            t0 = time.monotonic()
-            try:
-                maps, scores = self.backend.infer(x)
-            except Exception as exc:
-                items[0].station.errors["infer"] += 1
+            live = [it for it in items if it.cause is None]
+            if self.broken is not None:
+                for it in live:
+                    it.cause = self.broken
+                live = []
+            if live:
+                self._infer(live, (c, h, w), ctl)
+            # Every item goes on, in order: the unverified ones are rejected by the post thread.
+            for it in items:
+                it.x = None  # the input is no longer needed: free it early
+                # Never drop after inference: the work is done, post-processing is cheap.
+                if not it.station.put_out(it, ctl):
+                    return
+
+    def _infer(self, items: list[_Item], chw: tuple[int, int, int], ctl: _Control) -> None:
+        """Infer one batch; on failure mark its items unverified (and give up after a run)."""
+        n = len(items)
+        if n == 1 and self.fixed_batch in (None, 1):
+            x = items[0].x[None]
+        else:
+            x = np.zeros((max(n, self.fixed_batch or 0), *chw), np.uint8)
+            for i, it in enumerate(items):
+                x[i] = it.x
+        t0 = time.monotonic()
+        try:
+            maps, scores = self.backend.infer(x)
+        except Exception as exc:
+            self.failed_in_a_row += 1
+            cause = f"inference failed: {' '.join(str(exc).split())[:300]}"
+            for it in items:
+                it.cause = cause
+                it.station._count_error("infer", exc, f"frame {it.frame.seq}")
+            if self.failed_in_a_row >= FATAL_INFER_FAILURES:
                 err = exc
                 if not isinstance(exc, LineInspectError):
                     err = BackendError(f"{self.backend.name}: inference failed: {exc}")
                     err.__cause__ = exc
                 log.error(
-                    "fatal: inference failed on frame %d of %s: %s",
+                    "fatal: %d inferences in a row failed (last on frame %d of %s): %s; "
+                    "stopping capture, what was captured is rejected as unverified",
+                    self.failed_in_a_row,
                     items[0].frame.seq,
                     items[0].station.name,
                     exc,
                 )
-                ctl.fail(err)
-                return
-            t1 = time.monotonic()
-            # A backend may hand out views of buffers it reuses (pinned host memory): copy the
-            # (small) maps before the next inference can overwrite them.
-            maps = np.array(maps[:n], dtype=np.float32, copy=True)
-            scores = np.asarray(scores[:n], dtype=np.float32)
-            self.batches += 1
-            self.batched_frames += n
-            for i, it in enumerate(items):
-                it.x = None  # the input is no longer needed: free it early
-                it.t_inf0, it.t_inf, it.batch = t0, t1, n
-                it.amap, it.score = maps[i], float(scores[i])
-                # Never drop after inference: the work is done, post-processing is cheap.
-                if not it.station.put_out(it, ctl):
-                    return
+                self.broken = f"backend given up after {self.failed_in_a_row} failures: {cause}"
+                ctl.fail(err, drain=True)
+            return
+        self.failed_in_a_row = 0
+        t1 = time.monotonic()
+        # A backend may hand out views of buffers it reuses (pinned host memory): copy the
+        # (small) maps before the next inference can overwrite them.
+        maps = np.array(maps[:n], dtype=np.float32, copy=True)
+        scores = np.asarray(scores[:n], dtype=np.float32)
+        self.batches += 1
+        self.batched_frames += n
+        for i, it in enumerate(items):
+            it.t_inf0, it.t_inf, it.batch = t0, t1, n
+            it.amap, it.score = maps[i], float(scores[i])
 
 
 class Station:
@@ -319,6 +355,8 @@ class Station:
         evidence: edge.evidence.EvidenceWriter or None.
         watcher: edge.reload.ThresholdsWatcher or None (no hot reload).
         window: length of each rolling latency/score window (bounded memory).
+        on_error: "reject" (a part without a valid verdict is rejected as unverified) or
+            "pass" (it is only counted: the part goes through).
     """
 
     def __init__(
@@ -341,9 +379,15 @@ class Station:
         evidence: Any = None,
         watcher: ThresholdsWatcher | None = None,
         window: int = 2048,
+        on_error: str = "reject",
+        heartbeat_s: float = 5.0,
+        stall_s: float = 10.0,
     ):
         if mode not in ("triggered", "continuous"):
             raise ValueError(f"mode: expected triggered or continuous, got {mode!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error: expected one of {ON_ERROR}, got {on_error!r}")
+        self.on_error = on_error
         self.source, self.post, self.publisher = source, postprocessor, publisher
         self.size = tuple(size)
         self.crop = tuple(crop) if crop is not None else None
@@ -366,6 +410,10 @@ class Station:
         self.captured = 0
         self.frames = 0
         self.rejects = 0
+        self.unverified = 0  # parts without a valid verdict (rejected, or passed by on_error)
+        self.last_cause: str | None = None
+        self.unverified_passed = 0  # of those, let through by on_error: pass (no decision)
+        self.liveness = Liveness(self, heartbeat_s, stall_s)
         self.drops = 0
         self.drained_after_stop = 0
         self.errors = dict.fromkeys(ERROR_STAGES, 0)
@@ -444,12 +492,22 @@ class Station:
     def _submit(self, frame: Frame, ctl: _Control) -> bool:
         """Preprocess and queue one captured frame. False only when aborting."""
         self.captured += 1
-        try:
-            x = to_input(frame.image, self.size, self.crop)
-        except Exception as exc:
-            self._count_error("preprocess", exc, f"frame {frame.seq}")
-            return True
-        item = _Item(frame, self, x, t_pre=time.monotonic())
+        x, cause = None, None
+        if getattr(frame, "error", None):
+            cause = f"undecodable frame: {frame.error}"
+            self._count_error("capture", SourceError(frame.error), f"frame {frame.seq}")
+        else:
+            try:
+                x = to_input(frame.image, self.size, self.crop)
+            except Exception as exc:
+                self._count_error("preprocess", exc, f"frame {frame.seq}")
+                cause = f"preprocess failed: {' '.join(str(exc).split())[:300]}"
+        if cause is not None and self.on_error == "pass":
+            self.unverified += 1
+            self.unverified_passed += 1
+            return True  # on_error: pass: counted, the part gets no reject
+        # An unverified item still queues in frame order; the engine passes it on uninferred.
+        item = _Item(frame, self, x, t_pre=time.monotonic(), cause=cause)
         ok, dropped = self.engine.inbox.put(self.key, item, self.mode == "continuous", ctl.abort)
         self.drops += dropped
         return ok
@@ -475,6 +533,7 @@ class Station:
                 next_metrics = now + self.metrics_interval_s
             if self.watcher is not None:
                 self.watcher.poll(now)  # between frames: never mid-decision
+            self.liveness.tick(now)
             try:
                 item = self.q_out.get(timeout=min(POLL_S, max(0.0, next_metrics - now)))
             except queue.Empty:
@@ -489,15 +548,24 @@ class Station:
         frame = item.frame
         item.t_post0 = time.monotonic()
         cpu0 = time.thread_time()
-        try:
-            decision = self.post(item.amap, item.score, frame.image.shape)
-        except Exception as exc:
-            self._count_error("postprocess", exc, f"frame {frame.seq}")
-            return
+        if item.cause is not None:
+            decision = unverified(item.cause)
+        else:
+            try:
+                decision = self.post(item.amap, item.score, frame.image.shape)
+            except Exception as exc:
+                self._count_error("postprocess", exc, f"frame {frame.seq}")
+                decision = unverified(f"postprocess failed: {' '.join(str(exc).split())[:300]}")
+        if decision.cause is not None:
+            self.unverified += 1
+            self.last_cause = decision.cause
+            if self.on_error == "pass":
+                self.unverified_passed += 1
+                return  # counted (and logged where it failed); the part is let through
         t_dec = time.monotonic()
         post_cpu = time.thread_time() - cpu0
         event = self.event(frame, decision, t_dec - frame.t_mono, stages=self._stages_ms(item))
-        if self.evidence is not None:
+        if self.evidence is not None and item.amap is not None and decision.cause is None:
             try:
                 event["evidence"] = self.evidence.offer(
                     frame,
@@ -520,6 +588,7 @@ class Station:
         t_pub = time.monotonic()
 
         self.frames += 1
+        self.liveness.decided(frame)
         self.rejects += int(decision.reject)
         self._recent.append(decision.reject)
         if not decision.reject:
@@ -528,12 +597,13 @@ class Station:
             self._t_first = frame.t_mono
         self._t_last = t_pub
         lat = self.latency
-        lat.add("preprocess", item.t_pre - frame.t_mono)
-        lat.add("wait", item.t_inf0 - item.t_pre)
-        lat.add("infer", item.t_inf - item.t_inf0)
-        lat.add("handoff", item.t_post0 - item.t_inf)
-        lat.add("postprocess", t_dec - item.t_post0)
-        lat.add("postprocess_cpu", post_cpu)
+        if item.t_inf:  # a part that was never inferred has no stage times to add
+            lat.add("preprocess", item.t_pre - frame.t_mono)
+            lat.add("wait", item.t_inf0 - item.t_pre)
+            lat.add("infer", item.t_inf - item.t_inf0)
+            lat.add("handoff", item.t_post0 - item.t_inf)
+            lat.add("postprocess", t_dec - item.t_post0)
+            lat.add("postprocess_cpu", post_cpu)
         lat.add("publish", t_pub - t_dec)
         lat.add("decision", t_dec - frame.t_mono)
         lat.add("total", t_pub - frame.t_mono)
@@ -585,6 +655,10 @@ class Station:
             "latency_ms": round(latency_s * 1000.0, 3),
             "evidence": evidence,
         }
+        if decision.reason is not None:
+            ev["reason"] = decision.reason
+        if decision.cause is not None:
+            ev["cause"] = decision.cause
         if stages is not None:
             ev["stages_ms"] = stages
         return ev
@@ -627,6 +701,7 @@ class Station:
             "frames": self.frames,
             "captured": self.captured,
             "rejects": self.rejects,
+            "unverified": self.unverified,
             "reject_rate": round(sum(recent) / len(recent), 6) if recent else 0.0,
             "drops": self._drops_total(),
             "errors": dict(self.errors),
@@ -679,6 +754,8 @@ class Station:
             "captured": self.captured,
             "rejects": self.rejects,
             "passes": self.frames - self.rejects,
+            "unverified": self.unverified,
+            "last_unverified_cause": self.last_cause,
             "drops": self._drops_total(),
             "drops_queue": self.drops,
             "drained_after_stop": self.drained_after_stop,
@@ -904,9 +981,15 @@ class Pipeline:
             stations = []
             for p in parts:
                 cfg = p["cfg"]
-                source = open_source(cfg.source)
+                source = open_source(cfg.source, triggered=cfg.mode == "triggered")
                 undo.callback(source.close)
                 label = f"{cfg.station.line}/{cfg.station.name}"
+                if cfg.on_error == "pass":
+                    log.warning(
+                        "%s: on_error: pass: parts without a valid verdict (undecodable frame, "
+                        "failed inference, NaN output) are let through, only counted",
+                        label,
+                    )
                 watcher = ThresholdsWatcher(
                     p["bundle"],
                     _threshold_applier(p["post"], cfg, p["bundle"], label),
@@ -933,6 +1016,9 @@ class Pipeline:
                     evidence=p["evidence"],
                     watcher=watcher,
                     window=cfg.metrics.window,
+                    on_error=cfg.on_error,
+                    heartbeat_s=cfg.heartbeat_s,
+                    stall_s=cfg.stall_s,
                 )
                 p["engine"].attach(st)
                 stations.append(st)
@@ -993,10 +1079,18 @@ class Pipeline:
             # daemon: a wedged driver must not keep the process alive after exit
             for t in threads:
                 t.start()
+            # systemd (Type=notify): ready once every thread runs; the watchdog is fed only
+            # while every station decides or idles with nothing waiting (edge/liveness.py).
+            sd_notify("READY=1")
+            next_dog = 0.0
             # Join with a timeout so signal handlers run promptly in the main thread.
             for t in threads:
                 while t.is_alive():
                     t.join(POLL_S)
+                    now = time.monotonic()
+                    if now >= next_dog and all(st.liveness.healthy() for st in self.stations):
+                        sd_notify("WATCHDOG=1")
+                        next_dog = now + 1.0
         finally:
             ctl.stop.set()
             self._shutdown()
@@ -1054,7 +1148,7 @@ class Pipeline:
         per = {st.label: st.summary() for st in self.stations}
         total = {
             k: sum(s[k] for s in per.values())
-            for k in ("frames", "captured", "rejects", "passes", "drops", "errors")
+            for k in ("frames", "captured", "rejects", "passes", "unverified", "drops", "errors")
         }
         total["fps"] = round(sum(s["fps"] for s in per.values()), 3)
         total["engines"] = [

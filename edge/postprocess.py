@@ -13,36 +13,17 @@ one-pixel regions): under 1 ms.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from edge.errors import ConfigError
+from edge.verdict import Decision, Region, non_finite_cause, unverified
+
+__all__ = ["Decision", "PostProcessor", "Region", "effective_min_area", "from_bundle"]
 
 _CCL = getattr(cv2, "CCL_BBDT", cv2.CCL_DEFAULT)
-
-
-@dataclass
-class Region:
-    """bbox: [x, y, w, h] in original frame pixels. area: pixels at model resolution.
-    peak: highest anomaly-map value in the region."""
-
-    bbox: list[int]
-    area: int
-    peak: float
-
-    def to_dict(self) -> dict:
-        return {"bbox": list(self.bbox), "area": self.area, "peak": self.peak}
-
-
-@dataclass
-class Decision:
-    reject: bool
-    score: float
-    regions: list[Region] = field(default_factory=list)
-    regions_total: int = 0  # regions after min-area filtering, before the max_regions cap
 
 
 def load_roi_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
@@ -120,6 +101,9 @@ class PostProcessor:
         """anomaly_map (H,W) or (1,H,W) float32, score float, frame_shape (H0,W0[,3]) -> Decision."""
         amap = anomaly_map.reshape(self.size)
         score = float(score)
+        bad = non_finite_cause(amap, score)
+        if bad is not None:  # NaN > threshold is False: judged normally it would pass
+            return unverified(bad, score)
         hot = np.greater(amap, self.pixel_threshold, out=self._hot)
         if self.roi is not None:
             np.logical_and(hot, self.roi, out=hot)
@@ -129,7 +113,9 @@ class PostProcessor:
         # minimum area (the usual good part), labelling is skipped.
         if np.count_nonzero(hot) >= max(1, self.min_region_area):
             regions, total = self._regions(amap, hot, frame_shape)
-        return Decision(score > self.image_threshold or total > 0, score, regions, total)
+        by_score = score > self.image_threshold
+        reason = "score" if by_score else "region" if total > 0 else None
+        return Decision(by_score or total > 0, score, regions, total, reason=reason)
 
     def _regions(
         self, amap: np.ndarray, hot: np.ndarray, frame_shape: tuple[int, ...]

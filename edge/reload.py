@@ -24,7 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def validate_thresholds(th: Thresholds, path: Any) -> None:
-    """Raise BundleError unless the values are usable on the line (finite numbers)."""
+    """Raise BundleError unless the values are usable on the line: finite numbers, and the hash
+    of the model they were fitted on (Bundle.thresholds refuses another model's; without a hash
+    nothing ties the numbers to this graph, so they are refused too)."""
+    if not str(th.model_sha256 or "").strip():
+        raise BundleError(
+            f"{path}: model_sha256: missing or empty; thresholds must name the model hash they "
+            "were fitted on (re-run `calibration fit`)"
+        )
     for key in ("image_threshold", "pixel_threshold"):
         v = getattr(th, key)
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):

@@ -31,6 +31,7 @@ import numpy as np
 
 from edge.errors import SourceError
 from edge.preprocess import IMAGE_SUFFIXES
+from edge.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class Frame:
     part_id: part identifier (file stem for image folders, else str(seq)).
     source: file name for folders/videos, else the URI.
     t_mono: time.monotonic() at capture, for latency maths immune to wall-clock steps.
+    error: set (and image empty) for a part whose image could not be decoded; only sources
+        asked to keep such parts (`keep_unreadable`, a triggered line) hand them out, so that
+        the part is rejected as unverified instead of vanishing.
     """
 
     image: np.ndarray
@@ -56,6 +60,7 @@ class Frame:
     part_id: str
     source: str
     t_mono: float = field(default_factory=time.monotonic)
+    error: str | None = None
 
 
 class Source(Protocol):
@@ -104,8 +109,14 @@ class _BaseSource:
         rate: float = 0.0,
         width: int = 0,
         height: int = 0,
+        keep_unreadable: bool = False,
     ):
         self.uri = uri
+        # What logs, errors and stats show: the URI without its credentials (rtsp://user:pw@).
+        self.label = redact_uri(uri)
+        # Triggered line: one frame is one part, so an undecodable one is handed out (with
+        # Frame.error) to be rejected as unverified; a continuous line just skips it.
+        self.keep_unreadable = keep_unreadable
         self.loop = loop
         self.rate = rate
         self.width = width
@@ -121,6 +132,11 @@ class _BaseSource:
         f = Frame(image, self._seq, time.time(), part_id or str(self._seq), name)
         self._seq += 1
         self._stats["frames"] += 1
+        return f
+
+    def _unreadable(self, part_id: str | None, name: str, why: str) -> Frame:
+        f = self._frame(np.zeros((0, 0, 3), np.uint8), part_id, name)
+        f.error = f"{name}: {why}"
         return f
 
     def __enter__(self):
@@ -157,14 +173,14 @@ class ImageFolderSource(FileSource):
                 p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
             )
         except OSError as exc:
-            raise SourceError(f"{self.uri}: cannot list folder: {exc.strerror or exc}") from exc
+            raise SourceError(f"{self.label}: cannot list folder: {exc.strerror or exc}") from exc
 
     def open(self) -> None:
         if not self.path.is_dir():
-            raise SourceError(f"{self.uri}: no such folder")
+            raise SourceError(f"{self.label}: no such folder")
         self._files = self._list()
         if not self._files:
-            raise SourceError(f"{self.uri}: no images in folder ({', '.join(IMAGE_SUFFIXES)})")
+            raise SourceError(f"{self.label}: no images in folder ({', '.join(IMAGE_SUFFIXES)})")
         self._idx = 0
         self._good_this_pass = 0
 
@@ -175,7 +191,7 @@ class ImageFolderSource(FileSource):
             if self._idx >= len(self._files):
                 # A looping folder with no readable image would spin forever: end instead.
                 if not self.loop or self._good_this_pass == 0:
-                    raise EndOfStream(self.uri)
+                    raise EndOfStream(self.label)
                 self._files = self._list()
                 self._idx = 0
                 self._good_this_pass = 0
@@ -186,6 +202,9 @@ class ImageFolderSource(FileSource):
             img = cv2.imread(str(p), cv2.IMREAD_COLOR)
             if img is None or img.size == 0:
                 self._stats["corrupt"] += 1
+                if self.keep_unreadable:
+                    log.warning("%s: unreadable image: the part is rejected as unverified", p)
+                    return self._unreadable(p.stem, p.name, "unreadable image")
                 log.warning("%s: unreadable image skipped", p)
                 continue
             self._good_this_pass += 1
@@ -202,7 +221,7 @@ class VideoFileSource(FileSource):
 
     def open(self) -> None:
         if not self.path.is_file():
-            raise SourceError(f"{self.uri}: no such file or folder")
+            raise SourceError(f"{self.label}: no such file or folder")
         self._stats.setdefault("truncated", 0)
         self._cap = self._open_cap()
         self._good_this_pass = 0
@@ -211,7 +230,7 @@ class VideoFileSource(FileSource):
         cap = cv2.VideoCapture(str(self.path))
         if not cap.isOpened():
             cap.release()
-            raise SourceError(f"{self.uri}: cannot open as video (not a video, or codec missing)")
+            raise SourceError(f"{self.label}: cannot open as video (not a video, or codec missing)")
         return cap
 
     def read(self, timeout: float | None = None) -> Frame | None:
@@ -236,12 +255,12 @@ class VideoFileSource(FileSource):
                 log.warning(
                     "%s: video ends after frame %d of the %d its header announces "
                     "(truncated or corrupt file)",
-                    self.uri,
+                    self.label,
                     int(pos),
                     int(count),
                 )
             if not self.loop or self._good_this_pass == 0:
-                raise EndOfStream(self.uri)
+                raise EndOfStream(self.label)
             # Reopen rather than seek to 0: seeking is unreliable for some codecs/containers.
             self._cap.release()
             self._cap = self._open_cap()
@@ -261,9 +280,11 @@ class LiveSource(_BaseSource):
 
     The thread keeps the driver's buffers drained (so latency stays one frame), lets `read` honour
     its timeout, and reconnects with exponential backoff when the camera fails. When the consumer
-    falls behind, the oldest buffered frame is dropped and counted (`stats()['dropped']`). A frame
-    the driver hands over empty is counted (`corrupt`) and skipped; a failed read means the camera
-    is gone and starts a reconnect.
+    falls behind, the oldest buffered frame is dropped and counted (`stats()['dropped']`), unless
+    `block` (a triggered line, one frame per part): then the grabber waits for room and never
+    drops a part (back-pressure to the driver). A frame the driver hands over empty is counted
+    (`corrupt`) and skipped (with keep_unreadable: handed out with Frame.error); a failed read
+    means the camera is gone and starts a reconnect.
 
     retry_open: when the camera cannot be opened at start, keep trying in the background
     (`read` times out meanwhile) instead of raising SourceError. Every state change is logged and
@@ -280,9 +301,11 @@ class LiveSource(_BaseSource):
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 10.0,
         retry_open: bool = False,
+        block: bool = False,
         **kwargs: Any,
     ):
         super().__init__(uri, **kwargs)
+        self.block = block
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
         self.retry_open = retry_open
@@ -323,7 +346,7 @@ class LiveSource(_BaseSource):
     def open(self) -> None:
         self._cap = self._open_capture()
         if self._cap is None:
-            msg = f"{self.uri}: cannot open ({self._hint()})"
+            msg = f"{self.label}: cannot open ({self._hint()})"
             if not self.retry_open:
                 raise SourceError(msg)
             self._stats["last_error"] = msg
@@ -348,10 +371,10 @@ class LiveSource(_BaseSource):
             # Powers of two only: a camera gone for a day must not flood the log.
             if n & (n - 1) == 0:
                 log.warning(
-                    "%s: still unavailable after %d attempt(s); next in %.1fs", self.uri, n, nxt
+                    "%s: still unavailable after %d attempt(s); next in %.1fs", self.label, n, nxt
                 )
             return nxt
-        log.info("%s: connected after %d attempt(s)", self.uri, self._stats["reconnect_attempts"])
+        log.info("%s: connected after %d attempt(s)", self.label, self._stats["reconnect_attempts"])
         self._stats["reconnects"] += 1
         self._stats["connected"] = True
         return self.reconnect_min_s
@@ -368,14 +391,20 @@ class LiveSource(_BaseSource):
                     self._stats["read_failures"] += 1
                     self._stats["connected"] = False
                     self._stats["last_error"] = "read failed"
-                    log.warning("%s: read failed; reconnecting in %.1fs", self.uri, backoff)
+                    log.warning("%s: read failed; reconnecting in %.1fs", self.label, backoff)
                     self._cap.release()
                     self._cap = None
                     continue
                 if img is None or img.size == 0:
                     self._stats["corrupt"] += 1
+                    if not self.keep_unreadable:
+                        continue
+                    frame = self._unreadable(None, self.label, "empty frame from the driver")
+                else:
+                    frame = self._frame(img, None, self.label)
+                if self.block:
+                    self._put_blocking(frame)
                     continue
-                frame = self._frame(img, None, self.uri)
                 while True:
                     try:
                         self._q.put_nowait(frame)
@@ -394,9 +423,25 @@ class LiveSource(_BaseSource):
                 self._cap = None
             self._stats["connected"] = False
 
+    def _put_blocking(self, frame: Frame) -> None:
+        """Wait for room (triggered line: a part is never dropped); give up only on stop."""
+        while not self._stop.is_set():
+            try:
+                self._q.put(frame, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        # Stopped while full: the part was seen but can no longer be queued; say so loudly.
+        self._stats["dropped"] += 1
+        log.error(
+            "%s: frame %d not queued: capture stopped while the buffer was full",
+            self.label,
+            frame.seq,
+        )
+
     def read(self, timeout: float | None = None) -> Frame | None:
         if self._fatal is not None:
-            raise SourceError(f"{self.uri}: capture thread failed: {self._fatal}")
+            raise SourceError(f"{self.label}: capture thread failed: {redact_uri(self._fatal)}")
         try:
             if timeout is not None and timeout <= 0:
                 return self._q.get_nowait()
@@ -413,7 +458,7 @@ class LiveSource(_BaseSource):
         if self._thread is not None:
             self._thread.join(timeout=5.0)
             if self._thread.is_alive():
-                log.warning("%s: grabber thread did not stop within 5s (driver stuck)", self.uri)
+                log.warning("%s: grabber thread did not stop within 5s (driver stuck)", self.label)
             self._thread = None
 
     def close(self) -> None:
@@ -446,7 +491,7 @@ class _GstSource(LiveSource):
     def open(self) -> None:
         if not _has_gstreamer():
             raise SourceError(
-                f"{self.uri}: this OpenCV build has no GStreamer support (pip wheels have none; "
+                f"{self.label}: this OpenCV build has no GStreamer support (pip wheels have none; "
                 "use the JetPack OpenCV)"
             )
         super().open()
@@ -522,14 +567,25 @@ def create_source(uri: str, **opts: Any) -> Source:
     cls = SOURCES.get(scheme)
     if cls is None:
         raise SourceError(
-            f"{uri}: unknown source scheme {scheme!r}, expected one of {list(SOURCES)}"
+            f"{redact_uri(uri)}: unknown source scheme {scheme!r}, expected one of {list(SOURCES)}"
         )
     return cls(uri, **opts)
 
 
-def source_options(cfg: Any, *, retry_open: bool | None = None) -> dict[str, Any]:
-    """create_source options from a `config.SourceConfig` (live-only ones only for live URIs)."""
-    opts: dict[str, Any] = dict(loop=cfg.loop, rate=cfg.rate, width=cfg.width, height=cfg.height)
+def source_options(
+    cfg: Any, *, retry_open: bool | None = None, triggered: bool = False
+) -> dict[str, Any]:
+    """create_source options from a `config.SourceConfig` (live-only ones only for live URIs).
+
+    triggered: one frame per part: keep undecodable frames (rejected downstream as unverified)
+    and, for live sources, block instead of dropping the oldest frame."""
+    opts: dict[str, Any] = dict(
+        loop=cfg.loop,
+        rate=cfg.rate,
+        width=cfg.width,
+        height=cfg.height,
+        keep_unreadable=triggered,
+    )
     scheme, sep, _ = cfg.uri.partition("://")
     cls = SOURCES.get(scheme if sep else "file")
     if cls is not None and issubclass(cls, LiveSource):
@@ -538,14 +594,15 @@ def source_options(cfg: Any, *, retry_open: bool | None = None) -> dict[str, Any
             reconnect_min_s=cfg.reconnect_min_s,
             reconnect_max_s=cfg.reconnect_max_s,
             retry_open=cfg.retry_open if retry_open is None else retry_open,
+            block=triggered,
         )
     return opts
 
 
-def open_source(cfg: Any, *, retry_open: bool | None = None) -> Source:
+def open_source(cfg: Any, *, retry_open: bool | None = None, triggered: bool = False) -> Source:
     """Create and open the source of a `config.SourceConfig`.
 
     retry_open overrides the config (`edge check` wants to know now, not wait for the camera)."""
-    src = create_source(cfg.uri, **source_options(cfg, retry_open=retry_open))
+    src = create_source(cfg.uri, **source_options(cfg, retry_open=retry_open, triggered=triggered))
     src.open()
     return src

@@ -6,10 +6,19 @@ The spool never drops an event: when it is full, `put` raises `SpoolFullError` a
 must count it and raise an alarm.
 
 One connection, guarded by a lock, serves every thread.
+
+Failures are never silent: a file that is corrupt at start is moved aside (what can still be
+read is carried over into the fresh spool) and reported in `recovered`; a spool file deleted
+or replaced while open (its inode gone, st_nlink 0) is detected before the next write and
+recreated, reported in `recreated`; every other failure raises SpoolError for the caller to
+count and alarm. A meta table keeps the station's birth/death sequence (`next_bd_seq`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -28,6 +37,9 @@ CREATE TABLE IF NOT EXISTS events (
     created  REAL    NOT NULL
 )
 """
+_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+
+log = logging.getLogger(__name__)
 
 
 class SpoolError(LineInspectError):
@@ -57,6 +69,15 @@ class Spool:
         self.max_events = max_events
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        self._ino: tuple[int, int] | None = None
+        self.recovered: str | None = None  # set when a corrupt file was moved aside at start
+        self.recreated = 0  # times the file vanished while open and was recreated
+        try:
+            self._conn = self._connect()
+        except sqlite3.DatabaseError as exc:
+            self._recover(exc)
+
+    def _connect(self) -> sqlite3.Connection:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
@@ -70,11 +91,119 @@ class Spool:
                 raise SpoolError(f"spool {self.path}: cannot switch to WAL journal (got {mode})")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(_SCHEMA)
+            conn.execute(_META)
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {check}")
             self._count = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-        except sqlite3.Error as exc:
+            st = os.stat(self.path)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if _is_corrupt(exc):
+                raise
+            raise SpoolError(f"spool {self.path}: cannot open: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
             conn.close()
             raise SpoolError(f"spool {self.path}: cannot open: {exc}") from exc
-        self._conn = conn
+        self._ino = (st.st_dev, st.st_ino)
+        return conn
+
+    def _recover(self, exc: BaseException) -> None:
+        """The file is corrupt: move it (and its WAL) aside, open a fresh one, carry over the
+        events that can still be read. Never silent: `recovered` says what happened."""
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(self.path) + suffix)
+                if src.exists():
+                    shutil.move(str(src), str(aside) + suffix)
+        except OSError as move_exc:
+            raise SpoolError(
+                f"spool {self.path}: corrupt ({exc}) and cannot be moved aside: {move_exc}"
+            ) from exc
+        rows = _salvage(aside)
+        self._conn = self._connect()
+        for row in rows:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO events (event_id, topic, payload, qos, created) "
+                "VALUES (?, ?, ?, ?, ?)",
+                row,
+            )
+        self._count = self._conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        self.recovered = (
+            f"spool {self.path} was corrupt ({exc}); moved to {aside.name}, {len(rows)} "
+            "event(s) recovered into a fresh spool"
+        )
+        log.error("%s", self.recovered)
+
+    def check_file(self) -> bool:
+        """Recreate the spool when its file was deleted or replaced while open (writes would go
+        to an unlinked inode and be lost at the next start). True when it was recreated; the
+        events held only by the lost file are gone, so the caller must alarm."""
+        with self._lock:
+            if self._conn is None or self._ino is None:
+                return False
+            try:
+                st = os.stat(self.path)
+                same = (st.st_dev, st.st_ino) == self._ino and st.st_nlink > 0
+            except FileNotFoundError:
+                same = False
+            except OSError as exc:
+                raise SpoolError(f"spool {self.path}: cannot stat: {exc}") from exc
+            if same:
+                return False
+            # Carry over what the open (unlinked) file still holds, then start a new file.
+            try:
+                rows = self._conn.execute(
+                    "SELECT event_id, topic, payload, qos, created FROM events ORDER BY seq"
+                ).fetchall()
+                bd = self._conn.execute("SELECT key, value FROM meta").fetchall()
+            except sqlite3.Error:
+                rows, bd = [], []
+            self._conn.close()
+            self._conn = None
+            self._conn = self._connect()
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.executemany(
+                    "INSERT OR IGNORE INTO events (event_id, topic, payload, qos, created) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+                self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", bd)
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise SpoolError(f"spool {self.path}: cannot recreate: {exc}") from exc
+            self._count = self._conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            self.recreated += 1
+            log.error(
+                "spool %s was deleted or replaced while open; recreated with the %d event(s) "
+                "still held",
+                self.path,
+                len(rows),
+            )
+            return True
+
+    def next_bd_seq(self) -> int:
+        """Increment and return the station's birth/death sequence (durable, starts at 0)."""
+        with self._lock:
+            conn = self._open_conn()
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'bd_seq'").fetchone()
+                value = 0 if row is None else int(row[0]) + 1
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('bd_seq', ?)", (value,))
+            except sqlite3.Error as exc:
+                raise SpoolError(f"spool {self.path}: cannot update bd_seq: {exc}") from exc
+            return value
+
+    def free_bytes(self) -> int:
+        """Free space on the spool's file system (for the reserve other writers keep)."""
+        try:
+            return shutil.disk_usage(self.path.parent).free
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path}: cannot stat the file system: {exc}") from exc
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -182,3 +311,33 @@ class Spool:
         if self._conn is None:
             raise SpoolError(f"spool {self.path} is closed")
         return self._conn
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """A damaged file (moved aside at start), not a locked, unwritable or missing one."""
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text or "integrity check" in text
+
+
+def _salvage(path: Path) -> list[tuple]:
+    """Rows still readable from a corrupt spool file, row by row (a bad page costs its rows)."""
+    rows: list[tuple] = []
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error:
+        return rows
+    try:
+        seqs = [r[0] for r in conn.execute("SELECT seq FROM events ORDER BY seq").fetchall()]
+    except sqlite3.Error:
+        seqs = []
+    for seq in seqs:
+        try:
+            r = conn.execute(
+                "SELECT event_id, topic, payload, qos, created FROM events WHERE seq = ?", (seq,)
+            ).fetchone()
+        except sqlite3.Error:
+            continue
+        if r is not None:
+            rows.append(r)
+    conn.close()
+    return rows

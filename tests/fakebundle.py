@@ -5,6 +5,12 @@ The graph (built with the onnx helper API) is a stand-in anomaly model:
                           -> score       = max over the map           float32 (B,)
 so a uniform mid-grey frame (128) is perfectly "good" (map 0) and a black or white patch is a
 defect whose map value is ~1 exactly where the patch is.
+
+`poison` makes a graph that misbehaves on a "poisoned" frame (`poison_frame`: a black block in
+the top-left corner, so the model input's first pixel p is 0; every other frame has p = 128):
+    "nan"   score += 0 * log(p - 64): NaN for a poisoned frame, unchanged otherwise
+    "fail"  score += Gather(zeros(50), p - 100): index -100 is out of range, so onnxruntime
+            raises for a poisoned frame (a failing inference), and adds 0 otherwise
 """
 
 from __future__ import annotations
@@ -23,9 +29,13 @@ GREY = 128
 
 
 def make_model(
-    path: str | Path, size: tuple[int, int] = (64, 64), dynamic: bool = True, batch: int = 1
+    path: str | Path,
+    size: tuple[int, int] = (64, 64),
+    dynamic: bool = True,
+    batch: int = 1,
+    poison: str | None = None,
 ) -> Path:
-    """dynamic: batch dimension "B"; else fixed at `batch`."""
+    """dynamic: batch dimension "B"; else fixed at `batch`. poison: None, "nan" or "fail"."""
     h, w = size
     b = "B" if dynamic else batch
     x = helper.make_tensor_value_info("image", TensorProto.UINT8, [b, 3, h, w])
@@ -38,9 +48,15 @@ def make_model(
         helper.make_node("Abs", ["d"], ["ad"]),
         helper.make_node("Div", ["ad", "c128"], ["nd"]),
         helper.make_node("ReduceMean", ["nd"], ["anomaly_map"], axes=[1], keepdims=1),
-        helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2, 3], keepdims=0),
     ]
-    graph = helper.make_graph(nodes, "fake_anomaly", [x], [amap, score], initializer=[c128])
+    inits = [c128]
+    if poison is None:
+        nodes.append(
+            helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2, 3], keepdims=0)
+        )
+    else:
+        nodes += _poison_nodes(poison, inits)
+    graph = helper.make_graph(nodes, "fake_anomaly", [x], [amap, score], initializer=inits)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests.fakebundle"
     )
@@ -49,6 +65,42 @@ def make_model(
     path = Path(path)
     onnx.save(model, str(path))
     return path
+
+
+def _poison_nodes(poison: str, inits: list) -> list:
+    """score = max(map) + extra, where extra is 0 for a normal frame (see the module doc)."""
+    t = helper.make_tensor
+    inits += [
+        t("s0", TensorProto.INT64, [4], [0, 0, 0, 0]),
+        t("s1", TensorProto.INT64, [4], [2**62, 1, 1, 1]),  # the batch, pixel (0, 0) of R
+        t("flat", TensorProto.INT64, [1], [-1]),
+    ]
+    nodes = [
+        helper.make_node("ReduceMax", ["anomaly_map"], ["peak"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Slice", ["xf", "s0", "s1"], ["p4"]),
+        helper.make_node("Reshape", ["p4", "flat"], ["p"]),  # (B,) first pixel of each frame
+    ]
+    if poison == "nan":
+        inits += [t("c64", TensorProto.FLOAT, [], [64.0]), t("zero", TensorProto.FLOAT, [], [0.0])]
+        nodes += [
+            helper.make_node("Sub", ["p", "c64"], ["pm"]),
+            helper.make_node("Log", ["pm"], ["lg"]),  # NaN when p < 64
+            helper.make_node("Mul", ["lg", "zero"], ["extra"]),
+        ]
+    elif poison == "fail":
+        inits += [
+            t("c100", TensorProto.FLOAT, [], [100.0]),
+            t("table", TensorProto.FLOAT, [50], [0.0] * 50),
+        ]
+        nodes += [
+            helper.make_node("Sub", ["p", "c100"], ["pi"]),
+            helper.make_node("Cast", ["pi"], ["idx"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "idx"], ["extra"], axis=0),  # fails if p < 50
+        ]
+    else:
+        raise ValueError(f"poison: expected None, 'nan' or 'fail', got {poison!r}")
+    nodes.append(helper.make_node("Add", ["peak", "extra"], ["score"]))
+    return nodes
 
 
 def make_bundle(
@@ -60,11 +112,13 @@ def make_bundle(
     name: str = "fake",
     dynamic: bool = True,
     batch: int = 1,
+    poison: str | None = None,
 ) -> Path:
-    """Write a bundle under `root`. Default thresholds: image 0.5, pixel 0.5, min area 4."""
+    """Write a bundle under `root`. Default thresholds: image 0.5, pixel 0.5, min area 4,
+    fitted on (model_sha256) the bundle's graph."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    make_model(root / "model.onnx", size, dynamic, batch)
+    make_model(root / "model.onnx", size, dynamic, batch, poison)
     manifest = Manifest(
         name=name,
         model="fake",
@@ -75,7 +129,12 @@ def make_bundle(
     )
     write_manifest(root, manifest)
     if with_thresholds:
-        th = {"image_threshold": 0.5, "pixel_threshold": 0.5, "min_region_area": 4}
+        th = {
+            "image_threshold": 0.5,
+            "pixel_threshold": 0.5,
+            "min_region_area": 4,
+            "model_sha256": manifest.files["model.onnx"].sha256,
+        }
         th.update(thresholds or {})
         (root / "thresholds.yaml").write_text(yaml.safe_dump(th))
     return root
@@ -96,11 +155,29 @@ def defect_frame(
     return img
 
 
-def write_frames(folder: str | Path, defective: set[int], n: int, shape=(96, 128)) -> Path:
-    """n PNG frames frame_000.png.. in `folder`; indices in `defective` get a defect patch."""
+def poison_frame(shape: tuple[int, int] = (96, 128)) -> np.ndarray:
+    """A grey frame with a black 8x8 block at the top-left: a `poison` graph misbehaves on it
+    (the block is also a defect for the normal graph)."""
+    img = good_frame(shape)
+    img[:8, :8] = 0
+    return img
+
+
+def write_frames(
+    folder: str | Path,
+    defective: set[int],
+    n: int,
+    shape=(96, 128),
+    poisoned: set[int] = frozenset(),
+) -> Path:
+    """n PNG frames frame_000.png.. in `folder`; indices in `defective` get a defect patch,
+    those in `poisoned` the poison block."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        img = defect_frame(shape) if i in defective else good_frame(shape)
+        if i in poisoned:
+            img = poison_frame(shape)
+        else:
+            img = defect_frame(shape) if i in defective else good_frame(shape)
         cv2.imwrite(str(folder / f"frame_{i:03d}.png"), img)
     return folder

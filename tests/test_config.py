@@ -145,3 +145,88 @@ def test_new_sections_reject_bad_values_naming_the_key(tmp_path, extra, key):
         config.load(p)
     assert str(p) in str(e.value) and key in str(e.value)
     assert "source.source" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ("station: {line: 'a/b'}\n", "line"),
+        ("station: {line: 'l#1'}\n", "line"),
+        ("station: {name: 'st+'}\n", "name"),
+        ("station: {name: 'st 1'}\n", "name"),
+        ('station: {name: "st\\t1"}\n', "name"),
+        ('station: {name: "st\\x01"}\n', "name"),
+        ("station: {name: ''}\n", "name"),
+        ("station: {name: '-st'}\n", "name"),
+        ("station: {name: " + "s" * 65 + "}\n", "name"),
+        ("mqtt: {prefix: 'plant/a'}\n", "prefix"),
+        ("mqtt: {prefix: '#'}\n", "prefix"),
+    ],
+)
+def test_names_that_would_break_topics_are_refused(tmp_path, extra, key):
+    p = write(tmp_path, MINIMAL.format(uri="frames/") + extra)
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    msg = str(e.value)
+    assert str(p) in msg and key in msg and "\n" not in msg
+
+
+def test_good_names_load(tmp_path):
+    text = "station: {line: L-2.a, name: st_1}\nmqtt: {prefix: plant.A}\n"
+    cfg = config.load(write(tmp_path, MINIMAL.format(uri="frames/") + text))
+    assert cfg.topic_base == "plant.A/L-2.a/st_1"
+
+
+def creds(tmp_path, text, mode=0o600):
+    c = tmp_path / "creds.yaml"
+    c.write_text(text)
+    c.chmod(mode)
+    return c
+
+
+def test_credentials_file_overrides_mqtt_credentials(tmp_path):
+    creds(tmp_path, "mqtt_username: li\nmqtt_password: s3cr3t-pw\n")
+    text = "mqtt: {username: old, password: old-pw}\ncredentials_file: creds.yaml\n"
+    cfg = config.load(write(tmp_path, MINIMAL.format(uri="frames/") + text))
+    assert cfg.mqtt.username == "li" and cfg.mqtt.password == "s3cr3t-pw"
+    assert cfg.credentials_file == str(tmp_path / "creds.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, mode, why",
+    [
+        ("mqtt_password: s3cr3t-pw\n", 0o640, "group/others"),
+        ("mqtt_password: s3cr3t-pw\n", 0o604, "group/others"),
+        ("mqtt_pasword: s3cr3t-pw\n", 0o600, "unknown key mqtt_pasword"),
+        ("mqtt_password: 12\n", 0o600, "non-empty string"),
+    ],
+)
+def test_credentials_file_refused(tmp_path, text, mode, why):
+    c = creds(tmp_path, text, mode)
+    p = write(tmp_path, MINIMAL.format(uri="frames/") + "credentials_file: creds.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    msg = str(e.value)
+    assert str(c) in msg and why in msg and "s3cr3t" not in msg and "\n" not in msg
+
+
+def test_missing_credentials_file_named(tmp_path):
+    p = write(tmp_path, MINIMAL.format(uri="frames/") + "credentials_file: nope.yaml\n")
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        config.load(p)
+
+
+@pytest.mark.parametrize(
+    "uri, want",
+    [
+        ("rtsp://user:pa:ss@cam.local:554/x", "rtsp://***@cam.local:554/x"),
+        ("rtsp://user@cam/x", "rtsp://***@cam/x"),
+        ("rtsp://cam/x", "rtsp://cam/x"),
+        ("/data/frames", "/data/frames"),
+        ("cannot open rtsp://u:p@h/s (timeout)", "cannot open rtsp://***@h/s (timeout)"),
+    ],
+)
+def test_redact_uri(uri, want):
+    from edge.redact import redact_uri
+
+    assert redact_uri(uri) == want

@@ -1,6 +1,7 @@
 """Metrics: rolling windows, quantiles, Prometheus text exposition and its HTTP endpoint."""
 
 import re
+import threading
 import urllib.error
 import urllib.request
 
@@ -127,3 +128,74 @@ def test_port_in_use_is_a_clear_error():
             MetricsServer(list, server.port, "127.0.0.1")
     finally:
         server.close()
+
+
+def test_default_bind_is_loopback():
+    server = MetricsServer(list, 0)
+    try:
+        assert server._server.server_address[0] == "127.0.0.1"
+    finally:
+        server.close()
+
+
+def test_idle_connection_flood_leaves_threads_bounded_and_the_station_deciding(tmp_path):
+    """2000 idle connections to the metrics port: a bounded number of threads, the pipeline
+    keeps deciding, and the endpoint answers again once the idle ones time out."""
+    import socket
+    import time
+
+    from edge.backends import load_backend
+    from edge.bundle import Bundle
+    from edge.pipeline import Pipeline
+    from edge.postprocess import PostProcessor
+    from edge.sources import create_source
+    from tests.fakebundle import make_bundle, write_frames
+    from tests.test_pipeline import FakePublisher
+
+    b = Bundle(make_bundle(tmp_path / "b", (64, 64)))
+    src = create_source(str(write_frames(tmp_path / "f", {1}, 4)), loop=True, rate=200.0)
+    src.open()
+    pipeline = Pipeline(
+        source=src,
+        backend=load_backend("onnxruntime", b, intra_op_threads=1),
+        postprocessor=PostProcessor(0.5, 0.5, 4, (64, 64)),
+        publisher=FakePublisher(),
+        size=(64, 64),
+    )
+    runner = threading.Thread(target=pipeline.run, daemon=True)
+    server = MetricsServer(pipeline.snapshots, 0, timeout_s=1.0, max_connections=8).start()
+    socks: list[socket.socket] = []
+    try:
+        runner.start()
+        while pipeline.station.frames < 5:
+            time.sleep(0.05)
+        threads_before = threading.active_count()
+        for _ in range(2000):
+            socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+        frames_at_flood = pipeline.station.frames
+        time.sleep(0.5)
+        peak = threading.active_count()
+        assert peak <= threads_before + 8, (threads_before, peak)
+        deadline = time.monotonic() + 30
+        while pipeline.station.frames <= frames_at_flood + 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pipeline.station.frames > frames_at_flood + 10  # still deciding under the flood
+        assert server.refused > 0
+        # The idle ones time out (1 s here): the endpoint serves a scrape again.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{server.port}/metrics", timeout=5
+                ) as r:
+                    assert b"lineinspect_frames_total" in r.read()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "metrics endpoint never answered again"
+                time.sleep(0.2)
+    finally:
+        for s in socks:
+            s.close()
+        server.close()
+        pipeline.stop()
+        runner.join(30)

@@ -170,3 +170,20 @@ def test_write_errors_are_counted_not_raised(tmp_path, caplog):
     w.close()
     assert w.stats()["errors"] == 1 and w.stats()["evidence_written"] == 0
     assert "cannot write evidence" in caplog.text
+
+
+def test_spool_reserve_stops_evidence_before_the_spool_runs_out(tmp_path):
+    import shutil
+
+    from edge.evidence import EvidenceWriter
+
+    free_mb = shutil.disk_usage(tmp_path).free / 2**20
+    w = EvidenceWriter(
+        recal_dir=str(tmp_path / "recal"),
+        recal_rate=1.0,
+        reserve_dir=str(tmp_path),
+        reserve_mb=free_mb * 2,  # more than is free: the spool's reserve is already reached
+    )
+    assert not w._spool_room() and w.counts["skipped_for_spool"] == 1
+    w.reserve_bytes = 0
+    assert w._spool_room()

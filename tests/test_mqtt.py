@@ -23,7 +23,7 @@ from edge.config import MqttConfig, TlsConfig
 from edge.errors import BrokerError
 from edge.listen import Listener, main
 from edge.mqtt import Publisher, SpoolFullError, encode_event
-from edge.spool import Spool
+from edge.spool import Spool, SpoolError
 from tests.broker import Mosquitto, free_port
 from tests.certs import have_openssl, make_ca, make_cert, tls_listener_conf
 
@@ -119,7 +119,8 @@ def test_rejects_results_metrics_status(mosquitto, tmp_path, protocol, caplog):
         assert ids(got) == ids(events)  # all, once, in order (one connection, no outage)
         for payload in got:
             assert_valid("reject", payload)
-        assert got[0] == json.loads(json.dumps(events[0]))
+        assert got[0] == {**json.loads(json.dumps(events[0])), "seq": 1, "bd_seq": 0}
+        assert [p["seq"] for p in got] == list(range(1, len(got) + 1))
         assert_valid("result", listener.of_kind("result")[0].payload)
         assert_valid("metrics", listener.of_kind("metrics")[0].payload)
         st = pub.stats()
@@ -279,8 +280,11 @@ def test_credentials_from_env_and_refusal(tmp_path, monkeypatch, caplog):
         monkeypatch.setenv("LINEINSPECT_MQTT_PASSWORD", "s3cret-pw")
         pub = Publisher(make_cfg(broker, tmp_path, username="li"), BASE, STATUS_INFO)
         pub.start()
-        pub.publish_reject(make_reject(0))
-        assert pub.flush(3)
+        # A reject nobody subscribed to is not delivered (PUBACK "no matching subscribers").
+        gate = Listener(broker.host, broker.port, BASE, username="li", password="s3cret-pw")
+        with gate:
+            pub.publish_reject(make_reject(0))
+            assert pub.flush(3)
         pub.close()
     assert "s3cret-pw" not in caplog.text and "bad-pw-123" not in caplog.text
 
@@ -631,7 +635,8 @@ def test_connection_failures_counted_and_logged_once_per_outage(tmp_path, caplog
 
             pub.publish_reject(make_reject(0))  # spooled meanwhile
             broker.start()
-            assert pub.flush(5)
+            with Listener(broker.host, broker.port, BASE):  # a subscriber: it can be delivered
+                assert pub.flush(5)
             assert pub.stats()["reconnects"] == 1
         finally:
             pub.close()
@@ -744,3 +749,134 @@ def test_start_not_required_runs_without_the_broker_and_catches_up(tmp_path, cap
         finally:
             pub.close()
     assert "li-pw-42" not in caplog.text
+
+
+@pytest.mark.broker
+def test_no_matching_subscribers_keeps_the_event_and_alarms(tmp_path, mosquitto):
+    """MQTT 5 PUBACK 16 "no matching subscribers": the broker has it, nobody will get it."""
+    pub = Publisher(make_cfg(mosquitto, tmp_path), BASE, STATUS_INFO)
+    pub.start()
+    try:
+        ev = make_reject(0)
+        pub.publish_reject(ev)
+        assert wait(lambda: pub.stats()["no_subscribers"] >= 1, 5)
+        assert len(pub.spool) == 1 and not pub.flush(0.5)  # kept, not counted as delivered
+        assert "no subscriber" in pub.stats()["alarm"]
+        # The gate subscribes: the retry delivers it and the alarm clears.
+        with Listener(mosquitto.host, mosquitto.port, BASE) as gate:
+            st = gate.wait_status("online", 5)
+            assert st is not None and "no subscriber" in st.get("alarm", "")  # retained alarm
+            assert gate.wait_rejects(1, 10) and gate.rejects()[0]["event_id"] == ev["event_id"]
+            assert pub.flush(5)
+            assert wait(lambda: pub.stats()["alarm"] is None, 5)
+    finally:
+        pub.close()
+
+
+@pytest.mark.broker
+def test_spool_write_failure_alarms_on_status_and_still_publishes(tmp_path, mosquitto):
+    pub = Publisher(make_cfg(mosquitto, tmp_path), BASE, STATUS_INFO)
+    pub.start()
+    try:
+        with Listener(mosquitto.host, mosquitto.port, BASE) as gate:
+            pub.publish_reject(make_reject(0))
+            assert pub.flush(5)
+            pub.spool._conn.execute("PRAGMA query_only=ON")  # every write now fails
+            ev = make_reject(1)
+            t0 = time.monotonic()
+            with pytest.raises(SpoolError):
+                pub.publish_reject(ev)
+            assert gate.wait_for(
+                lambda: any(
+                    "spool write failed" in (e.payload or {}).get("alarm", "")
+                    for e in gate.of_kind("status")
+                ),
+                1.0 + (time.monotonic() - t0),
+            )
+            # Connected: the reject went out before the failed write.
+            assert gate.wait_rejects(2, 5) and gate.rejects()[1]["event_id"] == ev["event_id"]
+            pub.spool._conn.execute("PRAGMA query_only=OFF")
+            pub.publish_reject(make_reject(2))  # a good write clears it
+            assert pub.stats()["alarm"] is None
+    finally:
+        pub.close()
+
+
+@pytest.mark.broker
+def test_deleted_spool_is_recreated_and_alarmed(tmp_path, mosquitto):
+    pub = Publisher(make_cfg(mosquitto, tmp_path), BASE, STATUS_INFO)
+    pub.start()
+    try:
+        with Listener(mosquitto.host, mosquitto.port, BASE):
+            Path(pub.spool.path).unlink()
+            assert wait(lambda: "recreated" in (pub.stats()["alarm"] or ""), 2)
+            assert Path(pub.spool.path).exists() and pub.stats()["spool_recreated"] == 1
+    finally:
+        pub.close()
+
+
+@pytest.mark.broker
+def test_gate_acks_only_after_its_handler_and_gets_a_failed_event_again(tmp_path, mosquitto):
+    failed: list[str] = []
+
+    def handler(event):
+        if event.kind == "reject" and not failed:
+            failed.append(event.payload["event_id"])
+            raise RuntimeError("gate actuator busy")
+
+    kw = dict(client_id="gate-1", persistent=True, reconnect_max_s=1.0)
+    gate = Listener(mosquitto.host, mosquitto.port, BASE, on_event=handler, **kw).start()
+    pub = Publisher(make_cfg(mosquitto, tmp_path), BASE, STATUS_INFO)
+    pub.start()
+    try:
+        events = [make_reject(i) for i in range(3)]
+        for ev in events:
+            pub.publish_reject(ev)
+        assert pub.flush(5)
+        assert gate.wait_rejects(2, 5) and gate.errors == 1
+        assert failed == [events[0]["event_id"]]
+        assert events[0]["event_id"] not in ids(gate.rejects())  # not recorded: not handled
+        gate.stop()
+        # The same persistent session again: the broker re-delivers the unacknowledged one.
+        gate = Listener(mosquitto.host, mosquitto.port, BASE, on_event=handler, **kw).start()
+        assert gate.wait_rejects(1, 10)
+        assert ids(gate.rejects()) == [events[0]["event_id"]]
+    finally:
+        gate.stop()
+        pub.close()
+
+
+@pytest.mark.broker
+def test_gate_reports_seq_gaps_and_late_fills(mosquitto):
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    with Listener(mosquitto.host, mosquitto.port, BASE) as gate:
+        raw = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        raw.connect(mosquitto.host, mosquitto.port)
+        raw.loop_start()
+        try:
+            for bd, seq in [(0, 1), (0, 2), (0, 5), (0, 3), (1, 1)]:
+                ev = {**make_reject(seq), "seq": seq, "bd_seq": bd}
+                raw.publish(f"{BASE}/reject", encode_event(ev), qos=1).wait_for_publish(5)
+            assert gate.wait_rejects(5, 5)
+        finally:
+            raw.loop_stop()
+            raw.disconnect()
+        # 3 and 4 went missing; 3 arrived late; a new bd_seq (restart) starts again at 1.
+        assert gate.gaps() == {f"{BASE} bd_seq=0": [4]}
+        assert any("seq 3..4 missing" in g for g in gate.gap_events)
+        assert any("seq 3 arrived late" in g for g in gate.gap_events)
+
+
+@pytest.mark.broker
+def test_probe_publisher_leaves_no_retained_status(tmp_path, mosquitto):
+    # `edge check` connects with retain_status=False on <base>/check: nothing lingers there.
+    pub = Publisher(
+        make_cfg(mosquitto, tmp_path), f"{BASE}/check", STATUS_INFO, retain_status=False
+    )
+    pub.start()
+    pub.close()
+    with Listener(mosquitto.host, mosquitto.port, f"{BASE}/check") as later:
+        time.sleep(0.5)
+        assert later.of_kind("status") == []

@@ -40,6 +40,7 @@ REJECT_KEYS = {
     "latency_ms",
     "evidence",
     "stages_ms",
+    "reason",
 }
 
 
@@ -156,7 +157,8 @@ def test_one_decision_per_frame_in_order(tmp_path, bundle_dir):
     assert [e["part_id"] for e in pub.rejects] == ["frame_001", "frame_004", "frame_005"]
     e = pub.rejects[0]
     assert set(e) == REJECT_KEYS
-    assert set(pub.results[0]) == REJECT_KEYS | {"decision"}
+    assert set(pub.results[0]) == REJECT_KEYS - {"reason"} | {"decision"}  # a pass: no reason
+    assert [e["reason"] for e in pub.rejects] == ["score"] * 3
     assert e["station"] == "s7" and e["line"] == "L2" and e["evidence"] is None
     assert e["score"] > 0.9 and e["image_threshold"] == 0.5 and e["pixel_threshold"] == 0.5
     assert e["model"]["name"] == "fake" and len(e["model"]["sha256"]) == 64
@@ -247,14 +249,62 @@ def test_max_frames(tmp_path, bundle_dir):
     assert p.run()["frames"] == 7
 
 
-def test_backend_failure_is_fatal_and_drains(tmp_path, bundle_dir):
-    folder = write_frames(tmp_path / "frames", {0, 1, 2, 3, 4, 5}, 6, FRAME_SHAPE)
-    # Call 1 is the warm-up; calls 2 and 3 are frames 0 and 1; call 4 (frame 2) fails.
+def test_failed_inference_rejects_the_part_as_unverified(tmp_path, bundle_dir):
+    folder = write_frames(tmp_path / "frames", set(), 6, FRAME_SHAPE)  # all good parts
+    # Call 1 is the warm-up; calls 2 and 3 are frames 0 and 1; from call 4 (frame 2) it fails.
+    p, pub = build(bundle_dir, folder_source(folder), fail_at=4)
+    s = p.run()  # 4 failures in a row: not yet fatal
+    assert [e["frame"] for e in pub.rejects] == [2, 3, 4, 5]
+    assert {e["reason"] for e in pub.rejects} == {"unverified"}
+    assert all("illegal memory access" in e["cause"] for e in pub.rejects)
+    assert p.errors["infer"] == 4 and s["unverified"] == 4 and s["frames"] == 6
+    assert "illegal memory access" in s["last_unverified_cause"]
+
+
+def test_backend_failing_for_good_is_fatal_and_every_part_gets_a_verdict(tmp_path, bundle_dir):
+    from edge.pipeline import FATAL_INFER_FAILURES
+
+    n = FATAL_INFER_FAILURES + 8
+    folder = write_frames(tmp_path / "frames", {0, 1}, n, FRAME_SHAPE)
     p, pub = build(bundle_dir, folder_source(folder), fail_at=4)
     with pytest.raises(BackendError, match="illegal memory access"):
         p.run()
-    assert [e["frame"] for e in pub.rejects] == [0, 1]  # already inferred: still published
-    assert p.errors["infer"] == 1 and pub.closed
+    assert [e["reason"] for e in pub.rejects[:2]] == ["score", "score"]
+    # Every captured part after frame 1 is rejected, inferred or not: none without a verdict.
+    captured = p.station.captured
+    assert FATAL_INFER_FAILURES + 2 <= captured <= n
+    assert [e["frame"] for e in pub.rejects] == list(range(captured))
+    assert {e["reason"] for e in pub.rejects[2:]} == {"unverified"}
+    assert p.errors["infer"] == FATAL_INFER_FAILURES and pub.closed
+
+
+def test_nan_model_output_is_rejected_as_unverified(tmp_path):
+    bdir = make_bundle(tmp_path / "nan", SIZE, poison="nan")
+    folder = write_frames(tmp_path / "frames", {1}, 4, FRAME_SHAPE, poisoned={2})
+    p, pub = build(bdir, folder_source(folder), publish_results=True)
+    s = p.run()
+    assert [(e["frame"], e["reason"]) for e in pub.rejects] == [(1, "score"), (2, "unverified")]
+    assert "non-finite" in pub.rejects[1]["cause"] and s["unverified"] == 1
+    assert [r["decision"] for r in pub.results] == ["pass", "reject", "reject", "pass"]
+
+
+def test_on_error_pass_lets_unverified_parts_through(tmp_path):
+    bdir = make_bundle(tmp_path / "nan", SIZE, poison="nan")
+    folder = write_frames(tmp_path / "frames", set(), 3, FRAME_SHAPE, poisoned={1})
+    p, pub = build(bdir, folder_source(folder), on_error="pass")
+    s = p.run()
+    assert pub.rejects == [] and s["unverified"] == 1
+
+
+def test_undecodable_frame_on_a_triggered_line_is_rejected(tmp_path, bundle_dir):
+    folder = write_frames(tmp_path / "frames", set(), 3, FRAME_SHAPE)
+    (folder / "frame_001.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    p, pub = build(bundle_dir, folder_source(folder, keep_unreadable=True))
+    s = p.run()
+    (e,) = pub.rejects
+    assert e["part_id"] == "frame_001" and e["reason"] == "unverified"
+    assert "undecodable" in e["cause"] and e["score"] != e["score"]  # NaN: no score
+    assert s["frames"] == 3 and s["unverified"] == 1
 
 
 def test_stage_errors_are_counted_not_fatal(bundle_dir):
@@ -264,8 +314,9 @@ def test_stage_errors_are_counted_not_fatal(bundle_dir):
     p, pub = build(bundle_dir, ListSource(images), publisher=FakePublisher(fail_rejects=1))
     s = p.run()
     assert s["errors_by_stage"]["preprocess"] == 1 and s["errors_by_stage"]["publish"] == 1
-    assert s["errors"] == 2 and s["frames"] == 3 and s["rejects"] == 2
-    assert [e["frame"] for e in pub.rejects] == [3]
+    # The empty frame is rejected as unverified (the publish that failed is that reject's).
+    assert s["errors"] == 2 and s["frames"] == 4 and s["rejects"] == 3 and s["unverified"] == 1
+    assert [(e["frame"], e["reason"]) for e in pub.rejects] == [(2, "score"), (3, "score")]
 
 
 def test_a_failed_result_never_costs_the_reject(tmp_path, bundle_dir):
@@ -440,7 +491,7 @@ def test_end_to_end_rejects_over_mqtt(tmp_path, mosquitto, bundle_dir, capsys):
     assert sorted(e["part_id"] for e in rejects) == [f"frame_{i:03d}" for i in sorted(defective)]
     assert len({e["event_id"] for e in rejects}) == len(rejects) == len(defective)
     for e in rejects:
-        assert set(e) == REJECT_KEYS and e["regions"] and e["line"] == "lineT"
+        assert set(e) == REJECT_KEYS | {"seq", "bd_seq"} and e["regions"] and e["line"] == "lineT"
     s = json.loads(summary.read_text())
     assert s["frames"] == 10 and s["rejects"] == len(defective) and s["drops"] == 0
 
@@ -636,7 +687,10 @@ def test_thresholds_hot_reload_while_running(tmp_path):
         wait_results(5)
         th = tmp_path / "b" / "thresholds.yaml"
         n_before = len(pub.results)  # all decided with the old thresholds
-        th.write_text(yaml.safe_dump({"image_threshold": 5.0, "pixel_threshold": 5.0}))
+        sha = Bundle(tmp_path / "b").model_sha256()
+        th.write_text(
+            yaml.safe_dump({"image_threshold": 5.0, "pixel_threshold": 5.0, "model_sha256": sha})
+        )
         wait_results(n_before + 20)
         th.write_text("image_threshold: [oops\n")  # refused: the 5.0 stay
         n_bad = len(pub.results)
@@ -698,3 +752,78 @@ def test_memory_stays_flat_in_a_long_replay(tmp_path, bundle_dir):
     assert growth < 10.0, f"RSS grew {growth:.1f} MB between frame 800 and 4000"
     ev = sum(f.stat().st_size for f in (tmp_path / "ev").iterdir())
     assert ev <= 0.5 * 2**20 and s["evidence"]["evidence_deleted"] > 0
+
+
+def test_heartbeat_stalled_alarm_and_sd_notify(tmp_path, bundle_dir, monkeypatch):
+    """A backend that hangs: the source delivers, nothing is decided -> `stalled`; the watchdog
+    is fed before, not while stalled; READY=1 once running."""
+    import socket
+
+    sock_path = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(sock_path))
+    server.settimeout(0.1)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+
+    class Alarmed(FakePublisher):
+        def __init__(self):
+            super().__init__()
+            self.alarms, self.beats = {}, []
+
+        def raise_alarm(self, kind, text):
+            self.alarms[kind] = text
+
+        def clear_alarm(self, kind):
+            self.alarms.pop(kind, None)
+
+        def publish_heartbeat(self, info):
+            self.beats.append(info)
+
+    folder = write_frames(tmp_path / "frames", set(), 4, FRAME_SHAPE)
+    hang = threading.Event()
+    p, pub = build(bundle_dir, folder_source(folder, loop=True), publisher=Alarmed())
+    p.station.liveness.heartbeat_s, p.station.liveness.stall_s = 0.1, 0.5
+    inner = p.engines[0].backend.infer
+
+    def infer(x):
+        if hang.is_set():
+            hang.wait_released.wait()
+        return inner(x)
+
+    hang.wait_released = threading.Event()
+    p.engines[0].backend.infer = infer
+    runner = threading.Thread(target=p.run, daemon=True)
+    runner.start()
+    got: list[bytes] = []
+
+    def drain_notify():
+        while True:
+            try:
+                got.append(server.recv(64))
+            except TimeoutError:
+                return
+
+    try:
+        deadline = time.monotonic() + 10
+        while p.station.frames < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        drain_notify()
+        assert got[0] == b"READY=1" and b"WATCHDOG=1" in got
+        assert pub.beats and pub.beats[-1]["last_decided"]["frame"] >= 0
+        hang.set()
+        deadline = time.monotonic() + 10
+        while "stalled" not in pub.alarms and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "not decided" in pub.alarms["stalled"]
+        got.clear()
+        drain_notify()
+        time.sleep(1.2)
+        drain_notify()
+        assert b"WATCHDOG=1" not in got  # stalled: systemd's watchdog is not fed
+    finally:
+        hang.clear()
+        hang.wait_released.set()
+        p.stop()
+        runner.join(10)
+        server.close()
+    assert "stalled" not in pub.alarms  # cleared when decisions resumed

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from edge.__main__ import main
+from edge.bundle import Bundle
 from edge.listen import Listener
 from tests.broker import free_port
 from tests.fakebundle import defect_frame, good_frame, make_bundle, write_frames
@@ -222,7 +223,13 @@ def test_sighup_reloads_thresholds(tmp_path, mosquitto):
         try:
             assert listener.wait_for(lambda: len(results(listener)) >= 3, 30)
             (bdir / "thresholds.yaml").write_text(
-                yaml.safe_dump({"image_threshold": 9.0, "pixel_threshold": 9.0})
+                yaml.safe_dump(
+                    {
+                        "image_threshold": 9.0,
+                        "pixel_threshold": 9.0,
+                        "model_sha256": Bundle(bdir).model_sha256(),
+                    }
+                )
             )
             time.sleep(0.3)
             assert all(r["image_threshold"] == 0.5 for r in results(listener))  # not watched

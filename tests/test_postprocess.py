@@ -206,3 +206,31 @@ def test_worst_case_maps(kind):
         m = (np.indices((H, W)).sum(0) % 2).astype(np.float32)[None]
         d = pp(min_region_area=1)(m, 0.0, (H, W))
         assert d.regions_total == 1 and d.regions[0].area == H * W // 2
+
+
+@pytest.mark.parametrize(
+    "score, poison, what",
+    [
+        (float("nan"), None, "score nan"),
+        (float("inf"), None, "score inf"),
+        (0.0, float("nan"), "anomaly-map"),
+        (0.0, float("-inf"), "anomaly-map"),
+    ],
+)
+def test_non_finite_output_is_an_unverified_reject(score, poison, what):
+    # NaN compares False with any threshold: judged normally, this part would pass.
+    amap = np.zeros((H, W), np.float32)
+    if poison is not None:
+        amap[3, 4] = poison
+    d = PostProcessor(0.5, 0.5, 1, (H, W))(amap, score, (H, W, 3))
+    assert d.reject and d.reason == "unverified" and what in d.cause
+    assert d.regions == []
+
+
+def test_reject_reason_says_score_or_region():
+    pp = PostProcessor(0.5, 0.5, 4, (H, W))
+    assert pp(np.zeros((H, W), np.float32), 0.9, (H, W, 3)).reason == "score"
+    amap = np.zeros((H, W), np.float32)
+    amap[10:14, 10:14] = 0.9
+    assert pp(amap, 0.1, (H, W, 3)).reason == "region"
+    assert pp(np.zeros((H, W), np.float32), 0.1, (H, W, 3)).reason is None

@@ -21,6 +21,9 @@ def write(bundle, text_or_dict, bump_ns=1_000_000):
     """Rewrite thresholds.yaml and move its mtime on (coarse-mtime filesystems)."""
     p = bundle.thresholds_path
     st = p.stat() if p.exists() else None
+    if isinstance(text_or_dict, dict):
+        # Fitted on this bundle's graph unless the case says otherwise.
+        text_or_dict = {"model_sha256": bundle.model_sha256(), **text_or_dict}
     text = text_or_dict if isinstance(text_or_dict, str) else yaml.safe_dump(text_or_dict)
     p.write_text(text)
     if st is not None:
@@ -61,8 +64,9 @@ def test_valid_change_is_applied_and_logged(bundle, caplog):
         ({"image_threshold": 0.7, "pixel_threshold": 0.5, "min_region_area": -1}, ">= 0"),
         ({"image_threshold": 0.7, "pixel_threshold": 0.5, "model_sha256": "ab" * 32}, "not in"),
         ({"image_threshold": 0.7, "pixel_threshold": 0.5, "colour": "red"}, "unknown key"),
+        ({"image_threshold": 0.7, "pixel_threshold": 0.5, "model_sha256": ""}, "model hash"),
     ],
-    ids=["yaml", "missing", "string", "inf", "negative", "other-model", "unknown"],
+    ids=["yaml", "missing", "string", "inf", "negative", "other-model", "unknown", "no-hash"],
 )
 def test_bad_file_is_refused_and_old_kept(bundle, caplog, bad, why):
     w, post = watcher(bundle)
@@ -81,7 +85,7 @@ def test_file_missing_during_replace_is_refused_then_picked_up(bundle, caplog):
     w, post = watcher(bundle)
     bundle.thresholds_path.unlink()
     assert not w.poll() and w.refused == 1 and "disappeared" in caplog.text
-    bundle.write_thresholds(Thresholds(0.9, 0.3, 2))  # the writer calibration uses
+    bundle.write_thresholds(Thresholds(0.9, 0.3, 2, model_sha256=bundle.model_sha256()))
     assert w.poll() and post.image_threshold == 0.9 and post.min_region_area == 2
 
 

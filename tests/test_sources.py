@@ -1,5 +1,6 @@
 """Frame sources: image folders and video files (solid), live sources (reconnect logic)."""
 
+import logging
 import time
 from pathlib import Path
 
@@ -93,6 +94,20 @@ def test_corrupt_images_skipped_and_counted(tmp_path):
     assert [f.source for f in frames] == ["img_00.png", "img_02.png"]
     assert [f.seq for f in frames] == [0, 1]
     assert src.stats()["corrupt"] == 2 and src.stats()["frames"] == 2
+
+
+def test_triggered_folder_hands_out_unreadable_parts(tmp_path):
+    # A triggered line must judge every part: the unreadable one comes out flagged, not skipped.
+    folder = make_folder(tmp_path / "imgs")
+    (folder / "img_01.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    src = create_source(str(folder), keep_unreadable=True)
+    src.open()
+    frames = drain(src)
+    assert [f.source for f in frames] == ["img_00.png", "img_01.png", "img_02.png"]
+    bad = frames[1]
+    assert bad.error and "img_01.png" in bad.error and bad.image.size == 0
+    assert bad.part_id == "img_01" and frames[0].error is None
+    assert src.stats()["corrupt"] == 1
 
 
 def test_looping_folder_of_only_corrupt_images_ends(tmp_path):
@@ -250,6 +265,18 @@ def test_live_source_drops_oldest_when_consumer_is_slow():
     assert got == [4, 5] and src.stats()["dropped"] == 4
 
 
+def test_triggered_live_source_never_drops_a_frame():
+    # One frame is one part on a triggered line: a slow consumer holds the camera back.
+    src = FlakyLive(buffer=2, block=True)
+    src.open()
+    time.sleep(0.3)  # the camera has 6 frames to give, nobody reading
+    got = []
+    while (f := src.read(timeout=0.3)) is not None:
+        got.append(f.seq)
+    src.close()
+    assert got == [0, 1, 2, 3, 4, 5] and src.stats()["dropped"] == 0
+
+
 def test_live_source_unopenable_names_uri():
     class Dead(LiveSource):
         def _open_capture(self):
@@ -389,4 +416,24 @@ def test_source_options_from_config():
     assert live["retry_open"] is True and live["reconnect_max_s"] == 3.0 and live["buffer"] == 2
     assert source_options(SourceConfig(uri="rtsp://cam/x"), retry_open=False)["retry_open"] is False
     files = source_options(SourceConfig(uri="/data/frames", loop=True, rate=5.0))
-    assert files == {"loop": True, "rate": 5.0, "width": 0, "height": 0}
+    assert files == {"loop": True, "rate": 5.0, "width": 0, "height": 0, "keep_unreadable": False}
+    trig = source_options(SourceConfig(uri="rtsp://cam/x"), triggered=True)
+    assert trig["block"] is True and trig["keep_unreadable"] is True
+    assert source_options(SourceConfig(uri="rtsp://cam/x"))["block"] is False
+
+
+def test_rtsp_credentials_never_in_errors_logs_or_stats(caplog):
+    from tests.broker import free_port
+
+    port = free_port()
+    uri = f"rtsp://li:Cam-s3cret@127.0.0.1:{port}/cam"
+    with pytest.raises(SourceError) as e:
+        create_source(uri).open()
+    assert "Cam-s3cret" not in str(e.value) and f"rtsp://***@127.0.0.1:{port}/cam" in str(e.value)
+    src = create_source(uri, retry_open=True, reconnect_min_s=0.05, reconnect_max_s=0.1)
+    with caplog.at_level(logging.DEBUG):
+        src.open()
+        src.read(timeout=0.3)
+        src.close()
+    assert "Cam-s3cret" not in caplog.text and "***@" in caplog.text
+    assert "Cam-s3cret" not in str(src.stats())

@@ -151,10 +151,11 @@ def test_unopenable_file_names_the_file(tmp_path):
     with pytest.raises(SpoolError, match=f"spool {path}: cannot open"):
         Spool(path)
 
+    # Not a database at all: moved aside (a station must not exit over it), reported.
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(SpoolError, match=f"spool {junk}: cannot open"):
-        Spool(junk)
+    with Spool(junk) as s:
+        assert "not a database" in s.recovered and len(s) == 0
 
 
 def test_is_sqlite_wal_with_full_sync(tmp_path):
@@ -166,3 +167,40 @@ def test_is_sqlite_wal_with_full_sync(tmp_path):
     cols = [r[1] for r in conn.execute("PRAGMA table_info(events)")]
     conn.close()
     assert cols == ["seq", "event_id", "topic", "payload", "qos", "created"]
+
+
+def test_corrupt_file_at_start_is_moved_aside_and_a_fresh_spool_opens(tmp_path):
+    p = tmp_path / "spool.sqlite"
+    with Spool(p) as s:
+        s.put("t", b"x", "e1")
+    raw = bytearray(p.read_bytes())
+    raw[100:4096] = b"\xff" * (4096 - 100)  # the header's tail and the schema page
+    p.write_bytes(bytes(raw))
+    s = Spool(p)
+    try:
+        assert s.recovered and "corrupt" in s.recovered and "moved to" in s.recovered
+        assert list(tmp_path.glob("spool.sqlite.corrupt-*"))
+        s.put("t", b"y", "e2")  # the fresh spool works
+        assert [r.event_id for r in s.pending()][-1] == "e2"
+    finally:
+        s.close()
+
+
+def test_deleted_spool_is_detected_and_recreated_with_what_it_held(tmp_path):
+    p = tmp_path / "spool.sqlite"
+    with Spool(p) as s:
+        s.put("t", b"x", "e1")
+        assert s.check_file() is False
+        p.unlink()
+        assert s.check_file() is True and s.recreated == 1 and p.exists()
+        s.put("t", b"y", "e2")
+    with Spool(p) as again:  # what was written after the deletion is on disk, in the new file
+        assert [r.event_id for r in again.pending()] == ["e1", "e2"]
+
+
+def test_bd_seq_is_durable_and_increments(tmp_path):
+    p = tmp_path / "spool.sqlite"
+    with Spool(p) as s:
+        assert s.next_bd_seq() == 0 and s.next_bd_seq() == 1
+    with Spool(p) as s:
+        assert s.next_bd_seq() == 2
