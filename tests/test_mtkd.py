@@ -180,3 +180,17 @@ def test_paper_export_parity(args, tmp_path):
     m.eval()
     m.fit_map_normalization([_x(1)])
     export_and_check(m, tmp_path / "mtkd_paper.onnx")
+
+
+def test_config_documents_the_variant():
+    from train.fit import load_config
+
+    cfg = load_config("configs/train_mtkd.yaml")
+    assert cfg.model_args["variant"] == "heads"
+    m = build_model(
+        "mtkd",
+        **{**cfg.model_args, "variant": "paper", "teachers": None},
+        backbone=cfg.backbone,
+        image_size=S,
+    )
+    assert len(m.args["teachers"]) == 3 and m.args["ae_hidden"] == cfg.model_args["ae_hidden"]
