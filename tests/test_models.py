@@ -16,8 +16,8 @@ import torch
 from train.models import MODELS, build_model
 from train.models.common import (
     GaussianBlur,
-    Normalize,
     MapNorm,
+    Normalize,
     combine,
     cosine_distance,
     l2_normalize,

@@ -19,7 +19,9 @@ def test_greedy_coreset_covers_every_cluster():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
     sizes = [1000, 10, 10, 10]
-    x = torch.cat([c + 0.1 * torch.randn(n, 2, generator=g) for c, n in zip(centres, sizes)])
+    x = torch.cat(
+        [c + 0.1 * torch.randn(n, 2, generator=g) for c, n in zip(centres, sizes, strict=True)]
+    )
     idx = greedy_coreset(x, 4, seed=0)
     assert sorted(torch.cdist(x[idx], centres).argmin(1).tolist()) == [0, 1, 2, 3]
     assert len(set(idx.tolist())) == 4
@@ -63,9 +65,7 @@ def test_fit_checkpoint_export_roundtrip(tmp_path):
     data.mkdir()
     for i in range(6):
         cv2.imwrite(str(data / f"{i}.png"), rng.integers(0, 255, (S, S, 3), dtype=np.uint8))
-    cfg = load_config(
-        None, {"model": "patchcore", "data": str(data), "out": str(tmp_path / "run")}
-    )
+    cfg = load_config(None, {"model": "patchcore", "data": str(data), "out": str(tmp_path / "run")})
     cfg.image_size = S
     ckpt = fit(cfg, progress=False)
     model, meta = load_checkpoint(ckpt)

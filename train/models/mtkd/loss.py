@@ -1,9 +1,12 @@
-"""MTKD losses: the student's weighted deviation, the autoencoder's weighted reconstruction
-error, and the importance-weight objective."""
+"""MTKD losses. Variant "heads": the student's weighted deviation, the autoencoder's weighted
+reconstruction error, and the importance-weight objective. Variant "paper": the student's
+deviation from the fused target and the decoder's image reconstruction error."""
 
 from __future__ import annotations
 
 import torch
+
+from train.models.common import cosine_distance
 
 
 def deviation_loss(dev: list[list[torch.Tensor]], w: torch.Tensor) -> torch.Tensor:
@@ -42,3 +45,36 @@ def weight_objective(
     rel = errors / errors.mean().clamp_min(1e-12)
     obj = (w * rel).sum() + temperature * (w * torch.log(w.clamp_min(1e-12))).sum()
     return obj - obj.detach()
+
+
+# ---------------------------------------------------------------- variant "paper"
+
+
+def fused_deviation(
+    z_s: list[torch.Tensor], z_t: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The authors' two teacher/student deviations, per position: |z_S - z_T|^2 (mean over
+    channels) and 1 - cos(z_S, z_T).
+
+    Args:
+        z_s, z_t: per scale i, (B,D_i,h_i,w_i) the student's prediction and the fused target.
+    Returns:
+        mse [(B,1,h_i,w_i)], cos [(B,1,h_i,w_i)].
+    """
+    mse = [(s - t).pow(2).mean(1, keepdim=True) for s, t in zip(z_s, z_t, strict=True)]
+    cos = [cosine_distance(s, t) for s, t in zip(z_s, z_t, strict=True)]
+    return mse, cos
+
+
+def fused_distillation_loss(mse: list[torch.Tensor], cos: list[torch.Tensor]) -> torch.Tensor:
+    """Student step, the authors' MSE(z_T, z_S) + mean(1 - cos(z_T, z_S)), summed over scales
+    (the target is detached by the caller). Args: from fused_deviation. Returns: scalar."""
+    loss = mse[0].mean() + cos[0].mean()
+    for m, c in zip(mse[1:], cos[1:], strict=True):
+        loss = loss + m.mean() + c.mean()
+    return loss
+
+
+def reconstruction_error(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-pixel squared error, mean over RGB. Args: (B,3,S,S) each. Returns: (B,1,S,S)."""
+    return (recon - target).pow(2).mean(1, keepdim=True)
