@@ -50,6 +50,10 @@ def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
         threads=1,
         val_fraction=0.34,
         early_stop_patience=0,
+        # "stop after epoch 1, resume to 2" below stands for an interrupted run; a cosine
+        # schedule's length depends on the epochs asked for, so those tests use a constant lr
+        # (test_cosine_schedule_resumes_mid_run covers the schedule's own state).
+        lr_schedule="constant",
     )
     return TrainConfig(**{**base, **kw})
 
@@ -184,7 +188,7 @@ def test_fit_resume_and_checkpoint_new_models(kind, tmp_path, good_dir):
 
     model, meta = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     assert meta["kind"] == kind and not model.training
-    assert int(model.scale.seen) > 0  # the map's running scales were learned and saved
+    assert bool(model.scale.fitted)  # the map's quantile normalisation was fitted and saved
     if kind == "mtkd":
         # learned importance weights moved off uniform and came back from the checkpoint
         w = model.importance()
@@ -193,6 +197,38 @@ def test_fit_resume_and_checkpoint_new_models(kind, tmp_path, good_dir):
     with torch.no_grad():
         amap, score = model(x)
     assert amap.shape == (1, 1, S, S) and torch.isfinite(score).all()
+
+
+def test_cosine_schedule_resumes_after_an_interruption(tmp_path, good_dir, monkeypatch):
+    import train.fit as fit_mod
+    from train.fit import lr_factor
+
+    # warm-up to the base lr, then down to 0 at the last step
+    f = [lr_factor("cosine", i, 40) for i in range(40)]
+    assert f[0] == 0.5 and f[1] == 1.0 and f[-1] < 0.01
+    assert all(a >= b for a, b in zip(f[1:], f[2:], strict=False))
+    assert lr_factor("constant", 7, 40) == 1.0
+
+    cos = dict(lr_schedule="cosine", epochs=3)
+    fit(_cfg(good_dir, tmp_path / "full", **cos), progress=False)
+    full = json.loads((tmp_path / "full" / "history.json").read_text())
+
+    real_tqdm = fit_mod.tqdm
+
+    def dies_in_epoch_2(it, desc="", **kw):  # the process is killed during epoch 2
+        if desc.startswith("epoch 2/"):
+            raise KeyboardInterrupt
+        return real_tqdm(it, desc=desc, **kw)
+
+    monkeypatch.setattr(fit_mod, "tqdm", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(good_dir, tmp_path / "part", **cos), progress=False)
+    monkeypatch.setattr(fit_mod, "tqdm", real_tqdm)
+    fit(_cfg(good_dir, tmp_path / "part", **cos), resume=True, progress=False)
+    part = json.loads((tmp_path / "part" / "history.json").read_text())
+    assert part == full and len(full) == 3
+    last = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    assert last["scheduler"]["last_epoch"] == last["step"] == full[-1]["step"]
 
 
 @pytest.mark.parametrize("kind", ["dskd", "mtkd"])
