@@ -935,8 +935,13 @@ def _spool_write_fault(
     out.alarmed += f"; counters: spool_errors {pub.get('spool_errors')}"
     out.notes.append(
         f"{failed} rejects not stored but sent live (broker up; with the broker also down they "
-        f"would be lost, alarmed); {pub.get('spooled', 0)} acked event(s) left in the spool "
-        "(acks failed too): sent again at the next start, duplicates not losses"
+        "would be lost, alarmed)"
+        + (
+            f"; {pub['spooled']} acked event(s) left in the spool (acks failed too): sent again "
+            "at the next start, duplicates not losses"
+            if pub.get("spooled")
+            else ""
+        )
     )
     return s
 
@@ -1185,7 +1190,6 @@ def stalled_pipeline(rig: Rig, out: Outcome) -> None:
     extra = {"stall_s": 1.0, "heartbeat_s": 0.5}
     st = rig.station(rig.config(broker.port, extra=extra), "run")
     raised = gate.wait_for(lambda: _alarm_seen(gate, "stalled"), 30)
-    t_raised = time.time()
     out.alarm(
         raised,
         "status: 'stalled: N captured frame(s) not decided for 1 s', heartbeat stalled: true",
@@ -1201,9 +1205,8 @@ def stalled_pipeline(rig: Rig, out: Outcome) -> None:
     out.check(bool(stalled_beats) or not raised, "no heartbeat said stalled: true")
     _run_to_end(rig, out, st, gate)
     out.notes.append(
-        f"poisoned part {', '.join(part_id(i) for i in sorted(rig.poisoned))} took "
-        f"{time.time() - t_raised if not cleared else 0:.0f}+ s to infer; alarm raised and "
-        "cleared on status; its verdict is its own (a defect): rejected"
+        f"poisoned part {', '.join(part_id(i) for i in sorted(rig.poisoned))} took seconds to "
+        "infer; alarm raised and cleared on status; its verdict is its own (a defect): rejected"
     )
 
 
