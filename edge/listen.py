@@ -190,6 +190,15 @@ class Listener:
             client.disconnect()
             client.loop_stop()
 
+    def redeliver(self, timeout: float = 10.0) -> Listener:
+        """Reconnect the persistent session: the broker delivers again what a failed handler did
+        not acknowledge (MQTT redelivers only on a new connection, never on the same one)."""
+        if not self.persistent:
+            raise ValueError("only a persistent session gets unacknowledged messages again")
+        self.stop()
+        self._subscribed.clear()
+        return self.start(timeout)
+
     def __enter__(self) -> Listener:
         return self.start()
 

@@ -220,6 +220,9 @@ class Publisher:
         self.ack_latency = LatencyWindows(ACK_WINDOWS)  # capture -> PUBACK, per event kind
         self._connected = False
         self._resend_cursor: int | None = None  # spool seq of the running re-send pass
+        # A reject was held back (in-flight window full) and stored: the pump starts a pass as
+        # soon as the window has room, not only at the next periodic retry.
+        self._held_back_pending = False
         self._next_retry = 0.0
         self._alarm_level = 0
         # Alarms besides the spool fill level, by kind; all of them go out in status "alarm".
@@ -465,7 +468,8 @@ class Publisher:
             self._seq += 1
             event = {**event, "seq": self._seq, "bd_seq": self.bd_seq or 0}
             payload = encode_event(event)
-            if len(self._inflight) >= self._max_inflight:
+            held = len(self._inflight) >= self._max_inflight
+            if held:
                 self._counts["held_back"] += 1  # the spool keeps it; the pump sends it later
             elif self._connected and event_id not in self._inflight:
                 self._storing.add(event_id)
@@ -500,6 +504,9 @@ class Publisher:
             if acked_early:  # also when the put failed: the broker has it, count the ack
                 self._ack_spooled([event_id])
         self.clear_alarm("spool_write")
+        if held:
+            with self._lock:
+                self._held_back_pending = True
         if not acked_early:
             with self._lock:
                 self._update_alarm_locked()
@@ -985,6 +992,14 @@ class Publisher:
                 and len(self.spool) > len(self._inflight)
             ):
                 self._resend_cursor = 0  # periodic pass: events refused or acked ambiguously
+            if (
+                self._connected
+                and self._resend_cursor is None
+                and self._held_back_pending
+                and len(self._inflight) < self._max_inflight
+            ):
+                self._held_back_pending = False
+                self._resend_cursor = 0  # rejects held back while the window was full
             if self._connected and now >= self._next_retry:
                 self._next_retry = now + self.retry_interval_s
         while True:

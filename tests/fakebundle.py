@@ -6,11 +6,15 @@ The graph (built with the onnx helper API) is a stand-in anomaly model:
 so a uniform mid-grey frame (128) is perfectly "good" (map 0) and a black or white patch is a
 defect whose map value is ~1 exactly where the patch is.
 
-`poison` makes a graph that misbehaves on a "poisoned" frame (`poison_frame`: a black block in
-the top-left corner, so the model input's first pixel p is 0; every other frame has p = 128):
-    "nan"   score += 0 * log(p - 64): NaN for a poisoned frame, unchanged otherwise
-    "fail"  score += Gather(zeros(50), p - 100): index -100 is out of range, so onnxruntime
-            raises for a poisoned frame (a failing inference), and adds 0 otherwise
+`poison` makes a graph that misbehaves on a "poisoned" frame (`poison_frame`: a dark block of
+value POISON = 20 in the top-left corner, so the model input's first pixel p is 20; a good or
+defective frame has p = 128, a backend's all-zero warm-up input p = 0; both behave):
+    "nan"   score += 0 * log(|p - 20| - 10): NaN for a poisoned frame, unchanged otherwise
+    "fail"  score += Gather(zeros(50), max(0, 100 - 5 |p - 20|)): index 100 is out of range, so
+            onnxruntime raises for a poisoned frame (a failing inference), and adds 0 otherwise
+    "slow"  score += 0 * sum(Loop of SLOW_ITERS (1024x1024 @ 1024x1024) matmuls): a poisoned
+            frame takes seconds to infer (a wedged accelerator, as the pipeline sees it), every
+            other frame runs 0 iterations; the values stay exact (all zeros)
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from onnx import TensorProto, helper
 from edge.bundle import FileEntry, InputSpec, Manifest, write_manifest
 
 GREY = 128
+POISON = 20
+SLOW_ITERS = 60  # "slow" poison: 1024^3 multiply-adds each (~2.5 s in all on one loaded x86 core)
 
 
 def make_model(
@@ -80,27 +86,84 @@ def _poison_nodes(poison: str, inits: list) -> list:
         helper.make_node("Slice", ["xf", "s0", "s1"], ["p4"]),
         helper.make_node("Reshape", ["p4", "flat"], ["p"]),  # (B,) first pixel of each frame
     ]
+    inits += [t("cpoison", TensorProto.FLOAT, [], [float(POISON)])]
+    nodes += [
+        helper.make_node("Sub", ["p", "cpoison"], ["pd"]),
+        helper.make_node("Abs", ["pd"], ["dist"]),  # |p - 20|: 0 only for a poisoned frame
+    ]
     if poison == "nan":
-        inits += [t("c64", TensorProto.FLOAT, [], [64.0]), t("zero", TensorProto.FLOAT, [], [0.0])]
+        inits += [t("c10", TensorProto.FLOAT, [], [10.0]), t("zero", TensorProto.FLOAT, [], [0.0])]
         nodes += [
-            helper.make_node("Sub", ["p", "c64"], ["pm"]),
-            helper.make_node("Log", ["pm"], ["lg"]),  # NaN when p < 64
+            helper.make_node("Sub", ["dist", "c10"], ["pm"]),
+            helper.make_node("Log", ["pm"], ["lg"]),  # NaN when |p - 20| < 10
             helper.make_node("Mul", ["lg", "zero"], ["extra"]),
         ]
     elif poison == "fail":
         inits += [
             t("c100", TensorProto.FLOAT, [], [100.0]),
+            t("c5", TensorProto.FLOAT, [], [5.0]),
+            t("zero", TensorProto.FLOAT, [], [0.0]),
             t("table", TensorProto.FLOAT, [50], [0.0] * 50),
         ]
         nodes += [
-            helper.make_node("Sub", ["p", "c100"], ["pi"]),
+            helper.make_node("Mul", ["dist", "c5"], ["d5"]),
+            helper.make_node("Sub", ["c100", "d5"], ["pi0"]),
+            helper.make_node("Max", ["pi0", "zero"], ["pi"]),
             helper.make_node("Cast", ["pi"], ["idx"], to=TensorProto.INT64),
-            helper.make_node("Gather", ["table", "idx"], ["extra"], axis=0),  # fails if p < 50
+            helper.make_node("Gather", ["table", "idx"], ["extra"], axis=0),  # fails if p ~ 20
         ]
+    elif poison == "slow":
+        nodes += _slow_nodes(inits)
     else:
-        raise ValueError(f"poison: expected None, 'nan' or 'fail', got {poison!r}")
+        raise ValueError(f"poison: expected None, 'nan', 'fail' or 'slow', got {poison!r}")
     nodes.append(helper.make_node("Add", ["peak", "extra"], ["score"]))
     return nodes
+
+
+def _slow_nodes(inits: list) -> list:
+    """extra = 0 * sum(Loop(trips = SLOW_ITERS * max(0, 10 - |p - 20|) / 10) { m = m @ w }): the
+    matrices come from ConstantOfShape on a data-dependent shape, so nothing is constant-folded."""
+    t = helper.make_tensor
+    inits += [
+        t("c10s", TensorProto.FLOAT, [], [10.0]),
+        t("zero_s", TensorProto.FLOAT, [], [0.0]),
+        t("iters", TensorProto.FLOAT, [], [SLOW_ITERS / 10.0]),
+        t("zero_f", TensorProto.FLOAT, [], [0.0]),
+        t("dims", TensorProto.INT64, [2], [1024, 1024]),
+    ]
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["m_in", "w"], ["mm"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Identity", ["mm"], ["m_out"]),
+        ],
+        "slow_body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("m_in", TensorProto.FLOAT, [1024, 1024]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("m_out", TensorProto.FLOAT, [1024, 1024]),
+        ],
+    )
+    return [
+        helper.make_node("ReduceMin", ["dist"], ["dmin"], keepdims=0),
+        helper.make_node("Sub", ["c10s", "dmin"], ["near"]),
+        helper.make_node("Max", ["near", "zero_s"], ["dark"]),  # 10 for a poisoned frame, else 0
+        helper.make_node("Mul", ["dark", "iters"], ["tripf"]),
+        helper.make_node("ReduceMin", ["p"], ["pmin"], keepdims=0),
+        helper.make_node("Cast", ["tripf"], ["trips"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["pmin", "zero_f"], ["z"]),
+        helper.make_node("Cast", ["z"], ["zi"], to=TensorProto.INT64),
+        helper.make_node("Add", ["dims", "zi"], ["shape"]),  # (1024, 1024), data-dependent
+        helper.make_node("ConstantOfShape", ["shape"], ["m0"]),
+        helper.make_node("ConstantOfShape", ["shape"], ["w"]),
+        helper.make_node("Loop", ["trips", "", "m0"], ["m_end"], body=body),
+        helper.make_node("ReduceSum", ["m_end"], ["msum"], keepdims=0),
+        helper.make_node("Mul", ["msum", "zero_f"], ["extra"]),
+    ]
 
 
 def make_bundle(
@@ -156,10 +219,10 @@ def defect_frame(
 
 
 def poison_frame(shape: tuple[int, int] = (96, 128)) -> np.ndarray:
-    """A grey frame with a black 8x8 block at the top-left: a `poison` graph misbehaves on it
-    (the block is also a defect for the normal graph)."""
+    """A grey frame with a dark (POISON) 8x8 block at the top-left: a `poison` graph misbehaves
+    on it (the block is also a defect for the normal graph)."""
     img = good_frame(shape)
-    img[:8, :8] = 0
+    img[:8, :8] = POISON
     return img
 
 

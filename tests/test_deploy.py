@@ -264,7 +264,9 @@ def test_deploy_over_ssh_switch_and_roll_back(checkout, sshd, broker, tmp_path):
         # A tampered bundle fails `edge check` before the switch: the first release never stops.
         model = bundles["b"] / "model.onnx"
         model.write_bytes(model.read_bytes()[:-1] + bytes([model.read_bytes()[-1] ^ 1]))
-        online_since = station_status(listener)["time"]
+        # The heartbeat republishes the retained status (new "time") every heartbeat_s; a
+        # restart is what bumps bd_seq (birth/death sequence, kept in the spool).
+        bd_seq = station_status(listener)["bd_seq"]
         r = deploy(checkout, sshd, "--bundle", str(bundles["b"]), *common)
         assert r.returncode == 1
         assert "sha256 mismatch" in r.stdout
@@ -272,7 +274,8 @@ def test_deploy_over_ssh_switch_and_roll_back(checkout, sshd, broker, tmp_path):
         assert os.readlink(prefix / "current") == f"releases/{rel_a}"
         assert (prefix / "run" / "supervisor.pid").read_text().strip() == pid
         wait_rejects_of(listener, "fake-a", 2)
-        assert station_status(listener)["time"] == online_since  # not restarted meanwhile
+        now = station_status(listener)
+        assert now["state"] == "online" and now["bd_seq"] == bd_seq  # not restarted meanwhile
 
         # A good new bundle replaces it.
         r = deploy(checkout, sshd, "--bundle", str(bundles["c"]), *common)
@@ -327,8 +330,8 @@ def test_deployed_release_holds_no_secret_readable_by_others(checkout, sshd, tmp
     )
     r = deploy(checkout, sshd, "--bundle", str(bundle), "--config", str(config), "--prefix",
                str(prefix), "--no-service", "--health-timeout", "5")  # fmt: skip
-    # No camera answers at that address (and an edge without `credentials_file` support refuses
-    # the key): `edge check` fails after the release was shipped, which is what is looked at.
+    # No camera answers at that address: `edge check` (which accepts the credentials_file the
+    # release refers to) fails after the release was shipped, which is what is looked at.
     assert r.returncode == 1 and "failed at check" in r.stderr, r.stdout + r.stderr
     assert mqtt_pw not in r.stdout + r.stderr and cam_pw not in r.stdout + r.stderr
 
