@@ -33,7 +33,24 @@ ABLATIONS = {
     "dskd": {
         "stpm": ("stpm", {}),
         "dskd": ("dskd", {}),
-        "dskd-se-only": ("dskd", {"students": "se"}),
+        # the old defaults (Sd fed by Se, running-mean maps, plain loss), then one change
+        # back at a time: what each of today's defaults buys
+        "dskd-2025": (
+            "dskd",
+            {
+                "sd_input": "se",
+                "map_norm": "running",
+                "hard_fraction": 1.0,
+                "match_scales": None,
+                "train.lr_schedule": "constant",
+            },
+        ),
+        "dskd-sd-from-se": ("dskd", {"sd_input": "se"}),
+        "dskd-plain-loss": ("dskd", {"hard_fraction": 1.0}),
+        "dskd-all-scales": ("dskd", {"match_scales": None}),
+        "dskd-constant-lr": ("dskd", {"train.lr_schedule": "constant"}),
+        "dskd-border-rings": ("dskd", {"norm_rings": 2}),
+        "dskd-se-only": ("dskd", {"students": "se"}),  # reported as "STPM + normalisation"
         "dskd-sd-only": ("dskd", {"students": "sd"}),
         "dskd-no-embedding": ("dskd", {"embedding": False}),
         "dskd-no-interaction": ("dskd", {"interaction": False}),
@@ -50,6 +67,7 @@ ABLATIONS = {
         "mtkd-no-recon": ("mtkd", {"reconstruction": False}),
         "mtkd-uniform-no-recon": ("mtkd", {"weights": "uniform", "reconstruction": False}),
         "mtkd-ae-coarsest": ("mtkd", {"ae_scale": 2}),
+        "mtkd-paper": ("mtkd", {"variant": "paper", "teachers": None}),
     },
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")
@@ -302,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", required=True, help="synthetic set (python -m train synth OUT)")
     p.add_argument("--out", default="runs/bench", help="cells: <out>/<variant>/<category>/")
-    p.add_argument("--models", default="stpm,dskd,mtkd", help="model kinds with their defaults")
+    p.add_argument(
+        "--models", default="stpm,dskd,mtkd,patchcore", help="model kinds with their defaults"
+    )
     p.add_argument("--ablation", choices=sorted(ABLATIONS), help="run an ablation set instead")
     p.add_argument(
         "--variant",

@@ -218,9 +218,16 @@ def test_dskd_students_and_interaction():
     se_only = build_model("dskd", image_size=S, students="se")
     assert se_only.sd is None and se_only.embed is None and list(se_only.distances(x)) == ["se"]
 
-    # Sd alone: Se is its encoder. With interaction Sd's loss trains Se; without, Se gets nothing
-    for interaction, se_trained in ((True, True), (False, False)):
-        m = build_model("dskd", image_size=S, students="sd", interaction=interaction).train()
+    # Sd fed by Se (the paper): with interaction Sd's loss trains Se; without, Se gets nothing.
+    # Sd fed by the frozen teacher (the default): Se gets nothing from Sd either.
+    for sd_input, interaction, se_trained in (
+        ("se", True, True),
+        ("se", False, False),
+        ("teacher", True, False),
+    ):
+        m = build_model(
+            "dskd", image_size=S, students="sd", interaction=interaction, sd_input=sd_input
+        ).train()
         m.training_loss(x).backward()
         assert (_grads(m.se) > 0) == se_trained
         assert _grads(m.sd) > 0 and _grads(m.embed) > 0
