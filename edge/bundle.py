@@ -208,6 +208,13 @@ class Bundle:
             )
         name = PRECISION_FILES[precision]
         if name not in self.manifest.files:
+            check = self.manifest.quantization.get("decision_check", {}).get(precision)
+            if check and not check.get("passed", True):
+                why = "; ".join(check.get("failures", []))
+                raise BundleError(
+                    f"{self.root / name}: no {precision} graph in this bundle: `engines quantize` "
+                    f"refused it (it decided unlike FP32: {why})"
+                )
             raise BundleError(
                 f"{self.root / name}: no {precision} graph in this bundle (run `engines quantize`)"
             )

@@ -31,6 +31,7 @@ from edge import bundle as bundle_mod
 from edge.errors import DataError, LineInspectError
 from edge.preprocess import list_images, load_batch
 from engines import graph, qcheck
+from engines import mixed as mixed_mod
 
 log = logging.getLogger("lineinspect.engines.quantize")
 
@@ -166,44 +167,6 @@ def check_files(calib: str | Path, used: list[Path], check: str | Path | None) -
     return files
 
 
-def layer_sensitivity(
-    fp32: onnx.ModelProto, int8_path: Path, layers: list[str], files, size, batch: int
-) -> list[tuple[str, float]]:
-    """Rank quantised layers by the error they add: for each, the relative error of its output
-    against FP32 minus that of its input (what the layer's own Q/DQ adds on top of the error it
-    inherits). Measured on good images with every such tensor exposed as a graph output.
-
-    Returns: [(layer name, added error)], largest first.
-    """
-    import onnxruntime as ort
-
-    nodes = {n.name: n for n in fp32.graph.node}
-    tensors = sorted({t for name in layers for t in (nodes[name].input[0], nodes[name].output[0])})
-
-    def outputs_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-        m = graph.copy(model)
-        have = {o.name for o in m.graph.output}
-        for t in tensors:
-            if t not in have:
-                m.graph.output.append(
-                    onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                )
-        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        x = load_batch(files[:batch], size)
-        if len(x) < batch:
-            x = np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
-        got = sess.run(tensors, {sess.get_inputs()[0].name: x})
-        return dict(zip(tensors, got, strict=True))
-
-    ref, q = outputs_of(fp32), outputs_of(onnx.load(str(int8_path)))
-
-    def rel(t: str) -> float:
-        return float(np.linalg.norm(q[t] - ref[t]) / (np.linalg.norm(ref[t]) + 1e-12))
-
-    added = [(name, rel(nodes[name].output[0]) - rel(nodes[name].input[0])) for name in layers]
-    return sorted(added, key=lambda kv: -kv[1])
-
-
 def quantize(
     bundle_dir: str | Path,
     calib: str | Path,
@@ -271,23 +234,33 @@ def quantize(
         for n in model.graph.node
         if n.op_type in graph.QUANT_OPS and n.name in set(sp.network) - set(entry)
     ]
-    search: list[dict] = []
+    _quantize_int8(model, sp, entry, [], reader, method, int8_tmp)
+    c = ref.compare("int8", *qcheck.run_graph(int8_tmp, held, b.image_size, batch), budget)
+    log.info("int8, every layer quantised: %s", c.line())
+    search: list[dict] = [{"float_layers": 0, **c.as_dict()}]
     extra_float: list[str] = []
-    while True:
-        _quantize_int8(model, sp, entry, extra_float, reader, method, int8_tmp)
+    if not c.passed and mixed and quantizable:
+        probe_files = held[: max(batch, 8)]
+        probe = qcheck.Reference(
+            probe_files,
+            ref.maps[: len(probe_files)],
+            ref.scores[: len(probe_files)],
+            target_frr,
+        )
+        g, extra_float, tries = mixed_mod.search(
+            onnx.load(str(int8_tmp)),
+            model,
+            quantizable,
+            ref,
+            probe,
+            b.image_size,
+            batch,
+            budget,
+            log,
+        )
+        onnx.save(g, str(int8_tmp))
+        search += tries
         c = ref.compare("int8", *qcheck.run_graph(int8_tmp, held, b.image_size, batch), budget)
-        search.append({"float_layers": len(extra_float), **c.as_dict()})
-        log.info("int8 with %d sensitive layers in float: %s", len(extra_float), c.line())
-        if c.passed or not mixed or len(extra_float) >= len(quantizable):
-            break
-        if not extra_float:  # rank once, on the fully quantised graph
-            ranked = [
-                n
-                for n, _ in layer_sensitivity(
-                    model, int8_tmp, quantizable, held, b.image_size, batch
-                )
-            ]
-        extra_float = ranked[: max(1, 2 * len(extra_float))]
     int8_check = c
     if len(extra_float) >= len(quantizable) and quantizable:
         int8_check.failures.append("no layer left in INT8")
