@@ -32,7 +32,7 @@ from edge.backends import trt_compat as tc
 from edge.bundle import atomic_write
 from edge.errors import BackendError, DataError
 from edge.preprocess import list_images
-from engines import parity
+from engines import parity, qcheck
 
 log = logging.getLogger("lineinspect.engines.build")
 
@@ -228,9 +228,69 @@ def build(
         side.unlink(missing_ok=True)
         raise
     meta["parity"] = report.as_dict() | {"reference": bundle_mod.PRECISION_FILES[ref_precision]}
-    atomic_write(side, json.dumps(meta, indent=2).encode())
     log.info("parity vs ONNX Runtime: %s", report.summary())
+    if precision != "fp32":
+        try:
+            check = decision_check(b, precision, device, files, runner)
+        except BaseException:
+            engine.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
+            raise
+        meta["decision_check"] = check.as_dict() if check is not None else None
+    atomic_write(side, json.dumps(meta, indent=2).encode())
     return BuildResult(engine, meta, False, report)
+
+
+def reference_thresholds(b: bundle_mod.Bundle) -> bundle_mod.Thresholds | None:
+    """The thresholds a reduced-precision engine is judged against: the bundle's calibrated
+    thresholds.yaml, else those `engines quantize` fitted for its own check."""
+    th = b.thresholds(required=False)
+    if th is not None:
+        return th
+    rec = b.manifest.quantization.get("decision_check", {}).get("int8") or {}
+    if "image_threshold" not in rec:
+        return None
+    return bundle_mod.Thresholds(
+        image_threshold=float(rec["image_threshold"]),
+        pixel_threshold=float(rec["pixel_threshold"]),
+        min_region_area=int(rec.get("min_region_area", 1)),
+    )
+
+
+def decision_check(
+    b: bundle_mod.Bundle, precision: str, device: int, files: list[Path], runner: Runner
+) -> qcheck.Check | None:
+    """The engine against the FP32 graph (ONNX Runtime) at the decision level, as `engines
+    quantize` checks its graphs (engines.qcheck). Raises EngineBuildError with the figures when
+    it fails; None (logged) when the bundle has no thresholds to judge by."""
+    th = reference_thresholds(b)
+    if th is None:
+        log.warning(
+            "%s engine: no thresholds.yaml and no quantize check in the manifest, so no "
+            "decision-level check against FP32 (calibrate the bundle first)",
+            precision,
+        )
+        return None
+    size, batch = b.image_size, b.manifest.input.batch
+    ref_be = _ort_runner(b, "fp32")
+    try:
+        ref = qcheck.Reference(files, *qcheck.run_infer(ref_be.infer, files, size, batch), th)
+    finally:
+        ref_be.close()
+    test = runner(b, precision, device)
+    try:
+        check = ref.compare(
+            precision, *qcheck.run_infer(test.infer, files, size, batch), qcheck.Budget()
+        )
+    finally:
+        test.close()
+    log.info("decision check vs FP32 on %d images: %s", len(files), check.line())
+    if not check.passed:
+        raise EngineBuildError(
+            f"{b.root}: {precision} engine decides unlike the FP32 graph on {len(files)} "
+            f"sample images: {check.line()}; engine deleted"
+        )
+    return check
 
 
 def check_engine(

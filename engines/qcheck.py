@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.bundle import Thresholds
+from edge.postprocess import PostProcessor
 from edge.preprocess import load_batch
 
 
@@ -47,6 +49,7 @@ class Check:
     map_error: float
     image_threshold: float
     pixel_threshold: float
+    min_region_area: int
     borderline_flips: int  # flips of parts within the score budget of the threshold
     failures: list[str] = field(default_factory=list)
 
@@ -66,46 +69,76 @@ class Check:
         )
 
 
+def run_infer(infer, files: list[Path], size: tuple[int, int], batch: int):
+    """Outputs of `infer` ((B,3,H,W) uint8 -> maps (B,1,H,W), scores (B,)) on image files, at
+    the graph's static batch: maps (N,H,W) float32, scores (N,) float32."""
+    maps, scores = [], []
+    for i in range(0, len(files), batch):
+        x = load_batch(files[i : i + batch], size)
+        n = len(x)
+        if n < batch:  # static batch dimension: pad with the last image, drop its outputs
+            x = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)])
+        m, s = infer(x)
+        maps.append(np.asarray(m)[:n, 0])
+        scores.append(np.asarray(s)[:n])
+    return np.concatenate(maps).astype(np.float32), np.concatenate(scores).astype(np.float32)
+
+
 def run_graph(path: Path, files: list[Path], size: tuple[int, int], batch: int):
-    """ONNX Runtime CPU outputs of a bundle graph: maps (N,H,W) float32, scores (N,) float32."""
+    """ONNX Runtime CPU outputs of a bundle graph file: maps (N,H,W), scores (N,)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    maps, scores = [], []
-    for i in range(0, len(files), batch):
-        chunk = files[i : i + batch]
-        x = load_batch(chunk, size)
-        n = len(x)
-        if n < batch:  # static batch dimension: pad with the last image, drop its outputs
-            x = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)])
-        m, s = sess.run(["anomaly_map", "score"], {name: x})
-        maps.append(m[:n, 0])
-        scores.append(s[:n])
-    return np.concatenate(maps).astype(np.float32), np.concatenate(scores).astype(np.float32)
+    return run_infer(lambda x: sess.run(["anomaly_map", "score"], {name: x}), files, size, batch)
 
 
 class Reference:
-    """FP32 outputs on the check images and the thresholds `calibration fit` would set."""
+    """FP32 outputs on the check images and the thresholds a precision is judged against.
 
-    def __init__(self, files: list[Path], maps: np.ndarray, scores: np.ndarray, target_frr: float):
+    `Reference.fitted` fits them as `calibration fit` does (workstation: `engines quantize`);
+    the plain constructor takes given ones (device: `engines build` uses the bundle's
+    thresholds.yaml, or those `quantize` recorded, as the calibration package is not there).
+    """
+
+    def __init__(
+        self,
+        files: list[Path],
+        maps: np.ndarray,
+        scores: np.ndarray,
+        th: Thresholds,
+        stat: np.ndarray | None = None,
+    ):
+        self.files, self.maps, self.scores, self.th = files, maps, scores, th
+        # what the device thresholds (reject <=> stat > image threshold); the score when the
+        # region rule is not known
+        self.stat = scores if stat is None else stat
+        self.decisions = self.decide(maps, scores)
+        self.score_margin = max(th.image_threshold - float(np.median(scores)), 1e-12)
+        self.pixel_margin = max(th.pixel_threshold - float(np.median(maps)), 1e-12)
+
+    @classmethod
+    def fitted(
+        cls, files: list[Path], maps: np.ndarray, scores: np.ndarray, target_frr: float
+    ) -> Reference:
         from calibration.dataset import Sample
         from calibration.fit import fit_scored
         from calibration.scoring import Scored
 
-        self.files, self.maps, self.scores = files, maps, scores
         scored = Scored([Sample(p, None) for p in files], scores, maps, np.zeros(maps.shape, bool))
         fit = fit_scored(scored, "frr", target_frr=target_frr)
-        self.th = fit.thresholds
-        self.stat = fit.stat  # (N,) what the device thresholds: reject <=> stat > threshold
-        self.decisions = self.decide(maps, scores)
-        self.score_margin = max(self.th.image_threshold - float(np.median(scores)), 1e-12)
-        self.pixel_margin = max(self.th.pixel_threshold - float(np.median(maps)), 1e-12)
+        return cls(files, maps, scores, fit.thresholds, fit.stat)
 
     def decide(self, maps: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        from calibration.decision import device_decisions
-
-        return device_decisions(maps, scores, self.th)
+        """(N,) bool reject per image, by edge's own post-processing (what the device runs)."""
+        post = PostProcessor(
+            self.th.image_threshold,
+            self.th.pixel_threshold,
+            self.th.min_region_area,
+            maps.shape[1:],
+        )
+        frame = (*maps.shape[1:], 3)
+        return np.array([post(m, s, frame).reject for m, s in zip(maps, scores, strict=True)])
 
     def compare(
         self, precision: str, maps: np.ndarray, scores: np.ndarray, budget: Budget
@@ -131,6 +164,7 @@ class Reference:
             map_err,
             self.th.image_threshold,
             self.th.pixel_threshold,
+            self.th.min_region_area,
             int(np.sum(changed & border)),
         )
         if c.flip_rate > budget.max_flip_rate:

@@ -217,7 +217,9 @@ def quantize(
     files = calibration_files(calib, calib_count)
     held = check_files(calib, files, check)
     batch = m.input.batch
-    ref = qcheck.Reference(held, *qcheck.run_graph(src, held, b.image_size, batch), target_frr)
+    ref = qcheck.Reference.fitted(
+        held, *qcheck.run_graph(src, held, b.image_size, batch), target_frr
+    )
 
     t0 = time.perf_counter()
     fp16 = graph.to_fp16(model, sp.network)
@@ -242,10 +244,7 @@ def quantize(
     if not c.passed and mixed and quantizable:
         probe_files = held[: max(batch, 8)]
         probe = qcheck.Reference(
-            probe_files,
-            ref.maps[: len(probe_files)],
-            ref.scores[: len(probe_files)],
-            target_frr,
+            probe_files, ref.maps[: len(probe_files)], ref.scores[: len(probe_files)], ref.th
         )
         g, extra_float, tries = mixed_mod.search(
             onnx.load(str(int8_tmp)),

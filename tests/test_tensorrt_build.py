@@ -232,3 +232,40 @@ def test_parity_report_numbers(bundle_dir):
     res = _build(bundle_dir, "fp32", make_trt("10.3.0.30"), make_cuda())
     assert res.parity.map_max_abs == 0.0 and res.parity.score_max_rel == 0.0
     assert np.isclose(res.parity.map_range, 1.0, atol=0.01)  # grey 0 .. black patch 1
+
+
+def _scaled_score_graph(src, dst, gain):
+    """The same graph with its score multiplied by `gain`: a reduced-precision graph that
+    matches its own engine (parity passes) but decides unlike FP32."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load(str(src))
+    for n in m.graph.node:
+        n.output[:] = ["score_raw" if o == "score" else o for o in n.output]
+    m.graph.initializer.append(helper.make_tensor("gain", TensorProto.FLOAT, [], [gain]))
+    m.graph.node.append(helper.make_node("Mul", ["score_raw", "gain"], ["score"]))
+    onnx.save(m, str(dst))
+
+
+@pytest.mark.parametrize("gain, passes", [(1.0, True), (4.0, False)])
+def test_reduced_precision_engine_checked_against_fp32_decisions(bundle_dir, gain, passes):
+    _scaled_score_graph(bundle_dir / "model.onnx", bundle_dir / "model.int8.onnx", gain)
+    m = Bundle(bundle_dir).manifest
+    m.files["model.int8.onnx"] = FileEntry("", 0)
+    write_manifest(bundle_dir, m)
+    trt, cuda = make_trt("10.3.0.30"), make_cuda()
+    runner = OrtRunner(trt, cuda)
+    if passes:
+        res = _build(bundle_dir, "int8", trt, cuda, runner=runner)
+        check = res.sidecar["decision_check"]
+        assert check["passed"] and check["images"] == 2 and check["score_error"] == 0.0
+        side = json.loads(tc.sidecar_path(res.engine).read_text())
+        assert side["decision_check"]["passed"]
+        return
+    with pytest.raises(build_mod.EngineBuildError) as e:
+        _build(bundle_dir, "int8", trt, cuda, runner=runner)
+    msg = str(e.value)
+    assert "decides unlike the FP32 graph" in msg and "OVER BUDGET" in msg and "deleted" in msg
+    assert runner.loaded and not any(p.exists() for p in runner.loaded)  # never cached
+    assert not list((bundle_dir / "engines").glob("*.engine"))
