@@ -2,7 +2,8 @@
 
 Used for torch vs ONNX Runtime at export and for a TensorRT engine vs ONNX Runtime after a build.
 The anomaly-map difference is judged against the map's range over the images (a map in [0, 0.3]
-and one in [0, 2] need different absolute tolerances); scores relative to themselves.
+and one in [0, 2] need different absolute tolerances); scores relative to themselves, or to their
+image's map range when that is larger (a normalised score near 0 has no relative precision).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class ParityReport:
     images: int
     map_max_abs: float  # max over images and pixels of |map_ref - map_test|
     map_range: float  # max - min of the reference maps over all images
-    score_max_rel: float  # max over images of |s_ref - s_test| / |s_ref|
+    score_max_rel: float  # max over images of |s_ref - s_test| / max(|s_ref|, map range)
     worst_image: str  # the image furthest beyond (or closest to) its tolerance
     worst_map_abs: float  # that image's map difference
     worst_score_rel: float  # that image's score difference
@@ -95,7 +96,11 @@ def compare(
         r_score, t_score = r_score.reshape(-1), t_score.reshape(-1)
         for j in range(len(chunk)):
             map_diff.append(float(np.abs(r_map[j] - t_map[j]).max()))
-            den = max(abs(float(r_score[j])), 1e-12)
+            # Relative to the score, or to the image's map range when that is larger: a
+            # quantile-normalised map puts a good part's score near 0, where a relative
+            # difference measures nothing but rounding.
+            span = float(r_map[j].max() - r_map[j].min())
+            den = max(abs(float(r_score[j])), span, 1e-12)
             score_rel.append(abs(float(r_score[j]) - float(t_score[j])) / den)
             lo, hi = min(lo, float(r_map[j].min())), max(hi, float(r_map[j].max()))
     rng = hi - lo
