@@ -3,7 +3,7 @@
 Found by measurement on good images, not by hand:
 
 1. Sensitivity: for every quantised layer L, the graph in which *only* L is quantised (every
-   other layer's Q/DQ taken out again) is run against FP32 on a few held-out good images; L's
+   other node reads float tensors again) is run against FP32 on a few held-out good images; L's
    sensitivity is the decision-level error that alone causes (engines.qcheck: score and map
    error in units of the threshold margins). One quantisation, then graph surgery: no
    re-calibration per layer, so ranking 80 layers costs about a minute on a CPU.
@@ -26,19 +26,21 @@ from engines import graph, qcheck
 
 
 def dequantize_layers(
-    int8: onnx.ModelProto, fp32: onnx.ModelProto, names: set[str] | list[str]
+    int8: onnx.ModelProto, fp32: onnx.ModelProto, keep: set[str] | list[str]
 ) -> onnx.ModelProto:
-    """Copy of the Q/DQ graph with the layers `names` back in float (see the module doc)."""
-    names = set(names)
+    """Copy of the Q/DQ graph in which only the layers `keep` read quantised inputs: every other
+    node reads the float tensors again (see the module doc). A node outside `keep` may read a
+    DequantizeLinear too (ONNX Runtime quantises a tensor once for all its consumers), so every
+    node is rewired, not only the layers taken out: with `keep` empty this is the FP32 graph."""
+    keep = set(keep)
     m = graph.copy(int8)
     producer = {o: n for n in m.graph.node for o in n.output}
     fp32_nodes = {n.name: n for n in fp32.graph.node}
     fp32_inits = {i.name: i for i in fp32.graph.initializer}
     have = {i.name for i in m.graph.initializer}
     for node in m.graph.node:
-        if node.name not in names:
+        if node.name in keep or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        ref = fp32_nodes[node.name]
         for k, src in enumerate(node.input):
             dq = producer.get(src)
             if dq is None or dq.op_type != "DequantizeLinear":
@@ -47,10 +49,11 @@ def dequantize_layers(
             if q is not None and q.op_type == "QuantizeLinear":
                 node.input[k] = q.input[0]  # activation: the float tensor before Q/DQ
             else:  # a weight: the FP32 graph's initializer under its own name
-                node.input[k] = ref.input[k]
-                if ref.input[k] not in have:
-                    m.graph.initializer.append(fp32_inits[ref.input[k]])
-                    have.add(ref.input[k])
+                name = fp32_nodes[node.name].input[k]
+                node.input[k] = name
+                if name not in have:
+                    m.graph.initializer.append(fp32_inits[name])
+                    have.add(name)
     return prune(m)
 
 
@@ -91,7 +94,7 @@ def layer_sensitivity(
     reference on exactly `files`."""
     out = []
     for name in layers:
-        alone = dequantize_layers(int8, fp32, set(layers) - {name})
+        alone = dequantize_layers(int8, fp32, {name})
         c = ref.compare("int8", *_run(alone, files, size, batch), budget)
         out.append((name, max(c.score_error, c.map_error)))
     return sorted(out, key=lambda kv: -kv[1])
@@ -122,7 +125,7 @@ def search(
     tries, k = [], 1
     while True:
         kept = ranked[: min(k, len(ranked))]
-        g = dequantize_layers(int8, fp32, kept)
+        g = dequantize_layers(int8, fp32, set(ranked) - set(kept))
         c = ref.compare("int8", *_run(g, ref.files, size, batch), budget)
         tries.append({"float_layers": len(kept), **c.as_dict()})
         if log is not None:

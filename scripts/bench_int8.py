@@ -29,6 +29,7 @@ from scripts.bench_models import onnx_latency_ms  # noqa: E402
 
 def run_pair(cell: Path, data: Path, out: Path, a: argparse.Namespace) -> dict:
     from edge.bundle import PRECISION_FILES, Bundle
+    from engines.qcheck import Budget
     from engines.quantize import QuantizeError, quantize
 
     name = f"{cell.parent.parent.name}-{cell.parent.name}-{cell.name}"
@@ -39,7 +40,14 @@ def run_pair(cell: Path, data: Path, out: Path, a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     refused = None
     try:
-        rep = quantize(bundle, data / "train" / "good", data, calib_count=a.calib_count)
+        budget = Budget(
+            max_flip_rate=a.max_flip_rate,
+            max_score_error=a.max_score_error,
+            max_map_error=a.max_map_error,
+        )
+        rep = quantize(
+            bundle, data / "train" / "good", data, calib_count=a.calib_count, budget=budget
+        )
         ev = rep.eval
     except QuantizeError as exc:
         refused, ev = str(exc), None
@@ -116,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/int8")
     p.add_argument("--report", default="docs/engines_int8")
     p.add_argument("--calib-count", type=int, default=32)
+    p.add_argument("--max-flip-rate", type=float, default=0.01)
+    p.add_argument("--max-score-error", type=float, default=0.10)
+    p.add_argument("--max-map-error", type=float, default=0.25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency-runs", type=int, default=20)
     a = p.parse_args(argv)
