@@ -65,10 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--max-flip-rate", type=float, help="budget: decisions changed (default 0.01)")
     q.add_argument(
-        "--max-score-error", type=float, help="budget: of the image threshold's margin (0.10)"
+        "--max-score-error", type=float, help="budget: of the image threshold's margin (0.05)"
     )
     q.add_argument(
-        "--max-map-error", type=float, help="budget: of the pixel threshold's margin (0.25)"
+        "--max-map-error", type=float, help="budget: of the pixel threshold's margin (0.10)"
     )
 
     b = sub.add_parser("build", help="(device) bundle -> TensorRT engine, cached, parity-checked")

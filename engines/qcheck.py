@@ -33,8 +33,8 @@ class Budget:
     """What a reduced-precision graph may change against FP32 (defaults; `quantize` flags)."""
 
     max_flip_rate: float = 0.01  # decisions that differ from FP32 on good images
-    max_score_error: float = 0.10  # max over images, in units of the image threshold's margin
-    max_map_error: float = 0.25  # p99.9 over pixels, in units of the pixel threshold's margin
+    max_score_error: float = 0.05  # max over images, in units of the image threshold's margin
+    max_map_error: float = 0.10  # p99.9 over pixels, in units of the pixel threshold's margin
 
 
 @dataclass
