@@ -76,7 +76,7 @@ def _pct(values: list[float] | np.ndarray, qs=(50, 95, 99)) -> dict[str, float |
     arr = np.asarray(values, dtype=np.float64)
     if not arr.size:
         return {f"p{q}": None for q in qs}
-    return {f"p{q}": round(float(v), 3) for q, v in zip(qs, np.percentile(arr, qs), strict=True)}
+    return {f"p{q}": round(float(v), 3) for q, v in zip(qs, np.percentile(arr, qs))}
 
 
 def rss_mb() -> float:

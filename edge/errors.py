@@ -1,5 +1,7 @@
 """Error types. Library code raises these; only the CLIs print them and exit non-zero."""
 
+from __future__ import annotations
+
 
 class LineInspectError(Exception):
     """Base class: a problem the user can act on. The message names the file, key or value."""

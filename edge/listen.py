@@ -373,7 +373,7 @@ def format_event(event: Event) -> str:
 
 
 def _num(x: Any) -> str:
-    return f"{x:.4g}" if isinstance(x, int | float) else str(x)
+    return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -150,7 +150,7 @@ def _jsonable(obj: Any) -> Any:
     """Plain JSON types: numpy scalars/arrays unwrapped, non-finite floats as null."""
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
+    if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return _jsonable(obj.tolist())

@@ -1,5 +1,7 @@
 """Station config: strict typed loading, errors naming file and key, path resolution."""
 
+from __future__ import annotations
+
 from pathlib import Path
 
 import pytest
