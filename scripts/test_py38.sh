@@ -16,11 +16,12 @@ if [ -z "$PY38" ]; then
   exit 0
 fi
 # The edge tests: the device's modules and what feeds them (fakebundle builds its graph with onnx).
+# Not the deploy tests: deploy.sh and deploy/stage.py run on the workstation (3.10+).
 EDGE_TESTS=(
   tests/test_pipeline.py tests/test_pipeline_e2e.py tests/test_mqtt.py tests/test_spool.py
   tests/test_sources.py tests/test_config.py tests/test_faults.py tests/test_postprocess.py
   tests/test_reload.py tests/test_edge_metrics.py tests/test_evidence.py tests/test_backends.py
-  tests/test_deploy.py tests/test_deploy_hostile.py
+  tests/test_ports.py
 )
 VENV=${VENV38:-.venv38}
 [ -x "$VENV/bin/python" ] || "$PY38" -m venv "$VENV"
