@@ -5,7 +5,7 @@
 1. Reads N frames from the source and preprocesses them (decode + resize, outside any timing).
 2. Rounds (default 4), each: the bare backend on those preprocessed frames, one after the other
    (images/s, per-call latency, process CPU per image), then the full pipeline
-   (`Pipeline.from_config`, triggered mode, nothing dropped, station defaults: rejects go out
+   (built by edge.runtime.plan as `edge run` builds it, triggered mode, nothing dropped, station defaults: rejects go out
    over MQTT through the spool) on the same N frames from the same source, decoding them again,
    with a real broker. Alternating the two in short rounds keeps a shared machine's changing
    load out of the ratio; the ratio reported is the median of the rounds' ratios.
@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from edge import config as config_mod
 from edge.errors import BrokerError, ConfigError, SourceError
@@ -141,8 +140,8 @@ class PrivateBroker:
 def _station_cfg(
     args: argparse.Namespace, host: str, port: int, work: Path, results: bool = False, **source: Any
 ):
-    """A station config for the run. results: publish every part (the latency phase needs
-    them; the throughput phase runs as a station does by default: rejects only)."""
+    """A station config for the run, in memory. results: publish every part (the latency phase
+    needs them; the throughput phase runs as a station does by default: rejects only)."""
     data = {
         "station": {"line": "bench", "name": "station1"},
         "bundle": str(Path(args.bundle).resolve()),
@@ -150,12 +149,8 @@ def _station_cfg(
         "precision": args.precision,
         "mode": "triggered",
         "queue_size": args.queue_size,
-        # relative to where bench runs, not to the temporary station file
-        "source": {
-            "uri": config_mod.resolve_source_uri(Path.cwd(), args.source),
-            "loop": True,
-            **source,
-        },
+        # relative to where bench runs
+        "source": {"uri": args.source, "loop": True, **source},
         "mqtt": {
             "host": host,
             "port": port,
@@ -172,9 +167,14 @@ def _station_cfg(
             "opencv_threads": args.opencv_threads,
         },
     }
-    path = work / "station.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return config_mod.load(path)
+    return config_mod.from_mapping(data, base=Path.cwd(), source="<edge bench>")
+
+
+def _open(cfg: Any, max_frames: int | None = None) -> Any:
+    """The station's own assembly path (edge.runtime.plan), as `edge run` takes it."""
+    from edge.runtime import plan
+
+    return plan.open_pipeline(plan.build([cfg]), max_frames=max_frames)
 
 
 def _read_frames(args: argparse.Namespace, size: tuple[int, int]) -> np.ndarray:
@@ -226,9 +226,7 @@ def bench_backend(backend: Any, frames: np.ndarray) -> dict[str, Any]:
 
 def bench_pipeline(cfg: Any, frames: int, listener: Any = None) -> dict[str, Any]:
     """The full pipeline on `frames` frames of cfg's source; e2e latencies if a listener."""
-    from edge.pipeline import Pipeline
-
-    pipe = Pipeline.from_config(cfg, max_frames=frames)
+    pipe = _open(cfg, max_frames=frames)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     summary = pipe.run()
@@ -270,9 +268,7 @@ def bench_pipeline(cfg: Any, frames: int, listener: Any = None) -> dict[str, Any
 
 def soak(cfg: Any, seconds: float) -> dict[str, Any]:
     """Looping replay for `seconds`, RSS sampled every second; memory must stay flat."""
-    from edge.pipeline import Pipeline
-
-    pipe = Pipeline.from_config(cfg)
+    pipe = _open(cfg)
     samples: list[tuple[float, float]] = []
     t0 = time.monotonic()
     done = threading.Event()

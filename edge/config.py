@@ -7,6 +7,7 @@ can be moved or deployed as a whole.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import stat
@@ -273,13 +274,31 @@ def load(path: str | Path) -> StationConfig:
     """Load and validate a station YAML. Raises ConfigError naming the file and key."""
     path = Path(path)
     data = typedconfig.read_yaml(path)
+    return from_mapping(
+        data,
+        base=path.resolve().parent,
+        source=str(path),
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        path=str(path.resolve()),
+    )
+
+
+def from_mapping(
+    data: dict, *, base: Path, source: str, sha256: str | None = None, path: str | None = None
+) -> StationConfig:
+    """A station config from an in-memory mapping (what `load` does once the YAML is read).
+
+    Relative paths resolve against `base`; sha256 defaults to the hash of the mapping."""
     for reserved in ("path", "sha256"):
         if reserved in data:
-            raise ConfigError(f"{path}: unknown key {reserved}")
-    cfg = typedconfig.from_dict(StationConfig, data, source=str(path))
-    base = path.resolve().parent
-    cfg.path = str(path.resolve())
-    cfg.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+            raise ConfigError(f"{source}: unknown key {reserved}")
+    cfg = typedconfig.from_dict(StationConfig, data, source=source)
+    base = Path(base).resolve()
+    cfg.path = path or source
+    if sha256 is None:
+        canonical = json.dumps(data, sort_keys=True, default=str).encode()
+        sha256 = hashlib.sha256(canonical).hexdigest()
+    cfg.sha256 = sha256
     cfg.bundle = _resolve(base, cfg.bundle)
     cfg.source.uri = resolve_source_uri(base, cfg.source.uri)
     cfg.postprocess.roi_mask = _resolve(base, cfg.postprocess.roi_mask)

@@ -352,7 +352,7 @@ def test_periodic_metrics_and_bounded_windows(tmp_path, bundle_dir):
     # frames 2, 8, .., 38 are defects; the last 8 parts (32..39) hold two of them
     assert m["rejects"] == 7 and m["reject_rate"] == 0.25
     assert all(len(w) == 8 for w in p.latency._w.values())
-    assert len(p.station._good_scores) == 8 and len(p.station._recent) == 8
+    assert len(p.station.counters._good_scores) == 8 and len(p.station.counters._recent) == 8
     assert s["frames"] == 40
 
 
