@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edge import __version__, config
+from edge.atomic import atomic_write
 from edge.errors import LineInspectError, SourceError
 from edge.redact import redact_uri
 
@@ -87,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             st["fps"],
         )
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(args.summary_json, json.dumps(summary, indent=2) + "\n")
     return 0
 
 

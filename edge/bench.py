@@ -29,9 +29,6 @@ import json
 import os
 import platform
 import resource
-import shutil
-import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -41,9 +38,9 @@ from typing import Any
 import numpy as np
 
 from edge import config as config_mod
-from edge.errors import BrokerError, ConfigError, SourceError
-
-MOSQUITTO = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+from edge.atomic import atomic_write
+from edge.broker import Mosquitto
+from edge.errors import ConfigError, SourceError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,51 +87,6 @@ def rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrivateBroker:
-    """A throwaway mosquitto on a free loopback port (no persistence), for the benchmark."""
-
-    def __init__(self, workdir: Path):
-        binary = next((b for b in MOSQUITTO if os.access(b, os.X_OK)), None)
-        binary = binary or shutil.which("mosquitto")
-        if binary is None:
-            raise BrokerError("bench needs a broker: install mosquitto or pass --broker HOST:PORT")
-        self.host, self.port = "127.0.0.1", _free_port()
-        conf = workdir / "mosquitto.conf"
-        lines = [f"listener {self.port} {self.host}", "allow_anonymous true", "persistence false"]
-        if os.geteuid() == 0:
-            lines.append("user root")
-        conf.write_text("\n".join(lines) + "\n")
-        self._log = open(workdir / "mosquitto.log", "wb")
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=self._log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        self.close()
-        raise BrokerError(f"private mosquitto did not start on port {self.port}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def _station_cfg(
@@ -350,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
             host, _, port = args.broker.rpartition(":")
             host, port = host or "127.0.0.1", int(port)
         else:
-            broker = PrivateBroker(work)
+            broker = Mosquitto(work).start()
             host, port = broker.host, broker.port
         try:
             cfg = _station_cfg(args, host, port, work)
@@ -426,13 +378,13 @@ def run(args: argparse.Namespace) -> int:
                 result["soak"] = soak(cfg_soak, args.soak)
         finally:
             if broker is not None:
-                broker.close()
+                broker.kill()
     result["acceptance"] = accept
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     _print_summary(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -1,4 +1,6 @@
-"""A real mosquitto for tests: own config file, own loopback port, own data directory.
+"""The one mosquitto launcher (tests, the demo and `edge bench`): own config file, own
+loopback port, own data directory. Nothing on a station needs it; it starts a broker only for
+those who ask (`edge bench` without --broker).
 
 with Mosquitto(tmp_path, persistence=True) as broker:
     ... broker.host, broker.port ...
@@ -15,6 +17,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+from edge.errors import BrokerError
 
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
@@ -49,7 +53,7 @@ class Mosquitto:
     ) -> None:
         self.binary = find_mosquitto()
         if self.binary is None:
-            raise FileNotFoundError("mosquitto not found (apt-get install mosquitto)")
+            raise BrokerError("mosquitto not found: apt-get install mosquitto")
         self.dir = Path(workdir) / f"mosquitto-{id(self):x}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.persistence = persistence
@@ -100,7 +104,7 @@ class Mosquitto:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._reap()
-                raise RuntimeError(
+                raise BrokerError(
                     f"mosquitto exited with {self.proc.returncode} on port {self.port}:\n{self.log()}"
                 )
             try:
@@ -109,7 +113,7 @@ class Mosquitto:
             except OSError:
                 time.sleep(0.02)
         self.kill()
-        raise RuntimeError(
+        raise BrokerError(
             f"mosquitto did not listen on {self.port} within {timeout} s:\n{self.log()}"
         )
 

@@ -13,13 +13,10 @@ with them. Optional members, read with getattr by the runtime, are named in each
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from edge.backends.base import Backend
 from edge.sources import Source
-
-if TYPE_CHECKING:
-    import numpy as np
 
 __all__ = ["Backend", "EvidenceSink", "Publisher", "Source"]
 
@@ -48,15 +45,10 @@ class EvidenceSink(Protocol):
     """Evidence and recalibration samples. `offer` runs on the decision path: it only samples
     and enqueues, and returns the evidence file the event will name (or None)."""
 
-    def offer(
-        self,
-        frame: Any,
-        amap: np.ndarray,
-        decision: Any,
-        event: dict,
-        view: tuple[int, int, int, int],
-        thresholds: dict,
-    ) -> str | None: ...
+    def offer(self, frame: Any, amap: Any, decision: Any, event: dict, view: Any, th: dict, /):
+        """frame, (H,W) anomaly map, Decision, the event, the (x,y,w,h) model view, the
+        thresholds in force -> the evidence file the event will name, or None."""
+        ...
 
     def start(self) -> None: ...
 

@@ -215,4 +215,6 @@ def to_dict(obj: Any) -> Any:
 
 def dump(obj: Any, path: str | Path) -> None:
     """Write the resolved config tree as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    from edge.atomic import atomic_write
+
+    atomic_write(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
