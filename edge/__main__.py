@@ -20,7 +20,7 @@ from typing import Any
 
 from edge import __version__, config
 from edge.atomic import atomic_write
-from edge.errors import LineInspectError, SourceError
+from edge.errors import SourceError, run_cli
 from edge.redact import redact_uri
 
 log = logging.getLogger("edge")
@@ -268,14 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # `check` prints its own findings; its INFO logs would only repeat them.
     _setup_logging(getattr(args, "verbose", 0), quiet=args.command in ("check", "bench"))
-    try:
-        return int(args.func(args) or 0)
-    except LineInspectError as exc:
-        print(f"error: {redact_uri(' '.join(str(exc).split()))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: args.func(args), redact=redact_uri)
 
 
 if __name__ == "__main__":
