@@ -39,6 +39,12 @@ SOURCE, BUNDLE, INPUT = ({"path": "source"}, {"path": "bundle"}, {"path": "input
 STATE_FILE, STATE_DIR, SECRET = ({"path": "state_file"}, {"path": "state_dir"}, {"path": "secret"})
 
 
+def default_client_id(*names: str) -> str:
+    """The MQTT client id of a station without one: lineinspect-<line>-<station>, stable across
+    restarts (the broker keeps its session)."""
+    return "-".join(("lineinspect", *names))
+
+
 def check_name(key: str, value: str) -> None:
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise ValueError(
@@ -326,7 +332,7 @@ def from_mapping(
             )
             set_key(cfg, key, resolved)
     if not cfg.mqtt.client_id:
-        cfg.mqtt.client_id = f"lineinspect-{cfg.station.line}-{cfg.station.name}"
+        cfg.mqtt.client_id = default_client_id(cfg.station.line, cfg.station.name)
     if cfg.credentials_file is not None:
         creds = load_credentials(cfg.credentials_file)
         if "mqtt_username" in creds:

@@ -42,7 +42,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
 from edge import __version__
-from edge.config import MqttConfig
+from edge.config import MqttConfig, default_client_id
 from edge.errors import BrokerError
 from edge.metrics import LatencyWindows
 from edge.mqtt.alarms import Alarms, StatusAndAlarms
@@ -111,7 +111,7 @@ class Publisher(Worker, StatusAndAlarms):
         if len(parts) >= 3:
             self.status_info.update(line=parts[-2], station=parts[-1])
         self.status_info.update(status_info or {})
-        self.client_id = cfg.client_id or "lineinspect-" + "-".join(parts[-2:])
+        self.client_id = cfg.client_id or default_client_id(*parts[-2:])
         self.address = f"{cfg.host}:{cfg.port}"
         self.session_expiry_s = session_expiry_s
         # False for a probe (`edge check`): its status must not linger as a retained message.
