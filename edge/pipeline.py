@@ -11,7 +11,7 @@ from edge.runtime.engine import FATAL_INFER_FAILURES, Engine, warmup
 from edge.runtime.inbox import POLL_S, Control, Inbox, Item
 from edge.runtime.pipeline import Pipeline
 from edge.runtime.plan import warn_thresholds_precision
-from edge.runtime.station import STAGES, Station
+from edge.runtime.station import STAGES, Station, StationSettings
 
 __all__ = [
     "ERROR_STAGES",
@@ -25,6 +25,7 @@ __all__ = [
     "Item",
     "Pipeline",
     "Station",
+    "StationSettings",
     "warmup",
     "warn_thresholds_precision",
 ]

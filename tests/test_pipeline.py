@@ -809,6 +809,9 @@ def test_heartbeat_stalled_alarm_and_sd_notify(tmp_path, bundle_dir, monkeypatch
         deadline = time.monotonic() + 10
         while p.station.frames < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
+        # A beat (every 0.1 s) may go out before the first decision: wait for one after it.
+        while not (pub.beats and pub.beats[-1]["last_decided"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
         drain_notify()
         assert got[0] == b"READY=1" and b"WATCHDOG=1" in got
         assert pub.beats and pub.beats[-1]["last_decided"]["frame"] >= 0

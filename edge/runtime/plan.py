@@ -32,7 +32,7 @@ from edge.postprocess import from_bundle as postprocessor_from_bundle
 from edge.reload import ThresholdsWatcher, validate_thresholds
 from edge.runtime.engine import Engine, warmup
 from edge.runtime.pipeline import Pipeline
-from edge.runtime.station import Station
+from edge.runtime.station import Station, StationSettings
 from edge.sources import open_source
 
 if TYPE_CHECKING:
@@ -290,27 +290,30 @@ def _station(sp: StationPlan, source: Any, pub: Any, writer: Any, max_frames: in
         check_interval_s=cfg.thresholds.check_interval_s,
         label=sp.label,
     )
-    return Station(
-        source=source,
-        postprocessor=sp.post,
-        publisher=pub,
+    settings = StationSettings(
         size=sp.bundle.image_size,
-        crop=cfg.preprocess.crop,
         station=cfg.station.name,
         line=cfg.station.line,
         model=sp.model,
+        crop=cfg.preprocess.crop,
         mode=cfg.mode,
         queue_size=cfg.queue_size,
         read_timeout_s=cfg.source.timeout_s,
         metrics_interval_s=cfg.metrics.interval_s,
         publish_results=cfg.mqtt.publish_results,
         max_frames=max_frames,
-        evidence=writer,
-        watcher=watcher,
         window=cfg.metrics.window,
         on_error=cfg.on_error,
         heartbeat_s=cfg.heartbeat_s,
         stall_s=cfg.stall_s,
+    )
+    return Station(
+        source=source,
+        postprocessor=sp.post,
+        publisher=pub,
+        evidence=writer,
+        watcher=watcher,
+        settings=settings,
     )
 
 

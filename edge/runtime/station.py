@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from edge.errors import SourceError
@@ -63,26 +64,59 @@ STAGES = (
 )
 
 
+@dataclass
+class StationSettings:
+    """What a station is told besides its collaborators (edge.runtime.plan fills it from a
+    StationConfig; tests write it as keyword arguments of Station or Pipeline).
+
+    size: (H, W) model input. crop: (x, y, w, h) frame crop before resizing, or None.
+    station, line: ids written into every event. model: {"name", "sha256"} for events.
+    mode: "triggered" (never drop) | "continuous" (drop oldest under overload).
+    queue_size: capacity of the station's inbox and output queue.
+    read_timeout_s: source.read timeout (bounds how long stop() waits on an idle camera).
+    metrics_interval_s: period of publish_metrics. publish_results: also publish_result for
+    every part. max_frames: stop capture after this many frames (None = no limit).
+    window: length of each rolling latency/score window (bounded memory).
+    on_error: "reject" (a part without a valid verdict is rejected as unverified) or "pass"
+    (it is only counted: the part goes through). heartbeat_s, stall_s: edge/liveness.py.
+    """
+
+    size: tuple[int, int]
+    station: str = "station1"
+    line: str = "line1"
+    model: dict[str, str] | None = None
+    crop: tuple[int, int, int, int] | list[int] | None = None
+    mode: str = "triggered"
+    queue_size: int = 4
+    read_timeout_s: float = 1.0
+    metrics_interval_s: float = 10.0
+    publish_results: bool = False
+    max_frames: int | None = None
+    window: int = 2048
+    on_error: str = "reject"
+    heartbeat_s: float = 5.0
+    stall_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("triggered", "continuous"):
+            raise ValueError(f"mode: expected triggered or continuous, got {self.mode!r}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error: expected one of {ON_ERROR}, got {self.on_error!r}")
+        self.size = tuple(self.size)
+        self.crop = tuple(self.crop) if self.crop is not None else None
+        self.model = dict(self.model or {"name": "", "sha256": ""})
+
+
 class Station:
     """One camera's runtime: capture (+preprocess) and post-processing (+publish) threads.
 
     Args:
-        source: an opened edge.sources.Source.
+        source: an opened source (edge.ports.Source).
         postprocessor: edge.postprocess.PostProcessor for the model's resolution.
         publisher: edge.mqtt.Publisher (started), or any edge.ports.Publisher.
-        size: (H, W) model input. crop: (x, y, w, h) frame crop before resizing, or None.
-        station, line: ids written into every event. model: {"name", "sha256"} for events.
-        mode: "triggered" (never drop) | "continuous" (drop oldest under overload).
-        queue_size: capacity of the station's inbox and output queue.
-        read_timeout_s: source.read timeout (bounds how long stop() waits on an idle camera).
-        metrics_interval_s: period of publish_metrics.
-        publish_results: also publish_result for every part.
-        max_frames: stop capture after this many frames (None = no limit).
         evidence: edge.evidence.EvidenceWriter (an edge.ports.EvidenceSink) or None.
         watcher: edge.reload.ThresholdsWatcher or None (no hot reload).
-        window: length of each rolling latency/score window (bounded memory).
-        on_error: "reject" (a part without a valid verdict is rejected as unverified) or
-            "pass" (it is only counted: the part goes through).
+        settings: StationSettings, or its fields as keyword arguments.
     """
 
     def __init__(
@@ -91,48 +125,31 @@ class Station:
         source: Source,
         postprocessor: PostProcessor,
         publisher: Publisher,
-        size: tuple[int, int],
-        station: str = "station1",
-        line: str = "line1",
-        model: dict[str, str] | None = None,
-        crop: tuple[int, int, int, int] | list[int] | None = None,
-        mode: str = "triggered",
-        queue_size: int = 4,
-        read_timeout_s: float = 1.0,
-        metrics_interval_s: float = 10.0,
-        publish_results: bool = False,
-        max_frames: int | None = None,
         evidence: EvidenceSink | None = None,
         watcher: ThresholdsWatcher | None = None,
-        window: int = 2048,
-        on_error: str = "reject",
-        heartbeat_s: float = 5.0,
-        stall_s: float = 10.0,
+        settings: StationSettings | None = None,
+        **fields: Any,
     ):
-        if mode not in ("triggered", "continuous"):
-            raise ValueError(f"mode: expected triggered or continuous, got {mode!r}")
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error: expected one of {ON_ERROR}, got {on_error!r}")
-        self.on_error = on_error
+        s = settings if settings is not None else StationSettings(**fields)
+        self.settings = s
         self.source, self.post, self.publisher = source, postprocessor, publisher
-        self.size = tuple(size)
-        self.crop = tuple(crop) if crop is not None else None
-        self.name, self.line = station, line
-        self.model = dict(model or {"name": "", "sha256": ""})
-        self.mode = mode
-        self.queue_size = queue_size
-        self.read_timeout_s = read_timeout_s
-        self.metrics_interval_s = metrics_interval_s
-        self.publish_results = publish_results
-        self.max_frames = max_frames
         self.evidence = evidence
         self.watcher = watcher
+        self.on_error = s.on_error
+        self.size, self.crop = s.size, s.crop
+        self.name, self.line, self.model = s.station, s.line, s.model
+        self.mode = s.mode
+        self.queue_size = s.queue_size
+        self.read_timeout_s = s.read_timeout_s
+        self.metrics_interval_s = s.metrics_interval_s
+        self.publish_results = s.publish_results
+        self.max_frames = s.max_frames
         self.engine: Engine | None = None
         self.key = -1
-        self.q_out: queue.Queue[Item] = queue.Queue(maxsize=queue_size)
-        self.latency = LatencyWindows(STAGES, window)
-        self.counters = Counters(window)
-        self.liveness = Liveness(self, heartbeat_s, stall_s)
+        self.q_out: queue.Queue[Item] = queue.Queue(maxsize=s.queue_size)
+        self.latency = LatencyWindows(STAGES, s.window)
+        self.counters = Counters(s.window)
+        self.liveness = Liveness(self, s.heartbeat_s, s.stall_s)
         self.threads: dict[str, threading.Thread] = {}
 
     @property
