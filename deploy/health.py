@@ -20,7 +20,7 @@ from typing import Any
 
 def status_time(payload: dict[str, Any]) -> float:
     t = payload.get("time")
-    if isinstance(t, int | float):
+    if isinstance(t, (int, float)):
         return float(t)
     try:
         return datetime.fromisoformat(str(t)).timestamp()

@@ -171,7 +171,17 @@ cmd_preflight() {
     local l4t jp
     l4t=$(sed -n 's/^# R\([0-9]*\) (release), REVISION: \([0-9.]*\).*/R\1.\2/p' /etc/nv_tegra_release)
     jp=$(dpkg-query -W -f='${Version}' nvidia-jetpack 2>/dev/null || true)
-    ok jetson "L4T ${l4t:-unknown}${jp:+, JetPack $jp}"
+    # JetPack 5.1 is L4T R35.2 (Python 3.8, TensorRT 8.5); 6.x is R36 (Python 3.10).
+    local major=${l4t#R} minor
+    major=${major%%.*}
+    minor=${l4t#R*.}
+    minor=${minor%%.*}
+    if [ -n "$l4t" ] && { [ "$major" -lt 35 ] || { [ "$major" = 35 ] && [ "$minor" -lt 2 ]; }; }; then
+      bad jetson "L4T $l4t${jp:+, JetPack $jp}: LineInspect needs JetPack 5.1 (L4T R35.2) or 6.x (R36)"
+      fails=$((fails + 1))
+    else
+      ok jetson "L4T ${l4t:-unknown}${jp:+, JetPack $jp}"
+    fi
   else
     ok jetson "not a Jetson (no /etc/nv_tegra_release)"
   fi
@@ -180,8 +190,8 @@ cmd_preflight() {
   if ! pyver=$("$PY" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null); then
     bad python "$PY not found (pass --python)"
     fails=$((fails + 1))
-  elif ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
-    bad python "$PY is $pyver; LineInspect needs 3.10+ (JetPack 6: python3 is 3.10)"
+  elif ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 8))'; then
+    bad python "$PY is $pyver; the station needs 3.8+ (python3 is 3.8 on JetPack 5, 3.10 on 6)"
     fails=$((fails + 1))
   elif ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
     bad python "$PY $pyver has no venv/ensurepip: apt-get install python3-venv"

@@ -45,7 +45,6 @@ import yaml
 CODE_PACKAGES = ("edge", "engines")
 DEPLOY_FILES = ("remote.sh", "supervise.sh", "station.sh", "health.py", "lineinspect.service.in")
 # Config sections whose `dir` the station writes into (see edge/config.py).
-STATE_DIRS = ("evidence", "recalibration")
 # Sources that hold a camera exclusively: the running station must stop before `edge check`.
 EXCLUSIVE_SCHEMES = ("v4l2://", "csi://")
 EXCLUSIVE_GST = ("v4l2src", "nvarguscamerasrc", "nvv4l2camerasrc")
@@ -234,22 +233,33 @@ def stage(
             shutil.copyfile(src, dst)
 
     st = Stager(out, config.resolve().parent)
-    raw["bundle"] = "bundle"
     source = raw.setdefault("source", {})
-    source["uri"] = st.ship(str(source.get("uri")), "source.uri")
-    post = raw.get("postprocess") or {}
-    if post.get("roi_mask"):
-        post["roi_mask"] = st.ship(post["roi_mask"], "postprocess.roi_mask")
     mqtt = raw.setdefault("mqtt", {})
-    for key in ("ca_certs", "certfile", "keyfile"):
-        tls = mqtt.get("tls") or {}
-        if tls.get(key):
-            tls[key] = st.ship(tls[key], f"mqtt.tls.{key}")
-            if key == "keyfile" and tls[key].startswith("files/"):
+    data = f"{prefix.rstrip('/')}/data"  # the station's own state, kept across releases
+    writable = set()
+    # Every path-bearing key, as edge/config.py declares it (field metadata "path").
+    for key, kind in station_config.path_keys().items():
+        value = station_config.get_key(raw, key)
+        if kind == "bundle":
+            raw[key] = "bundle"
+        elif kind in ("source", "input") and value:
+            station_config.set_key(raw, key, st.ship(str(value), key))
+            shipped = station_config.get_key(raw, key)
+            if key == "mqtt.tls.keyfile" and shipped.startswith("files/"):
                 # A private key: its owner only (deploy gives the service user's group read).
-                for p in [out / tls[key], *(out / tls[key]).rglob("*")]:
+                for p in [out / shipped, *(out / shipped).rglob("*")]:
                     if p.is_file():
                         p.chmod(0o600)
+        elif kind in ("state_file", "state_dir"):
+            # What the station writes lives in <prefix>/data, kept across releases.
+            value = value or station_config.default_of(key)
+            if not value:
+                continue
+            if not Path(value).expanduser().is_absolute():
+                value = f"{data}/{Path(value).name}"
+                station_config.set_key(raw, key, value)
+            writable.add(str(Path(value).parent) if kind == "state_file" else value)
+        # secret (credentials_file): written by move_credentials below
     creds = move_credentials(raw, mqtt, config, prefix, cfg.station.line, cfg.station.name)
     if creds:
         write_private(out.parent / "credentials.yaml", yaml.safe_dump(creds, sort_keys=False))
@@ -257,14 +267,6 @@ def stage(
     # it after a reboot: it inspects and spools until the broker takes it. An explicit setting in
     # the config wins. (The deploy's own health check still needs the broker.)
     mqtt.setdefault("require_broker_at_start", False)
-    data = f"{prefix.rstrip('/')}/data"  # the station's own state, kept across releases
-    spool = mqtt.get("spool") or "spool.sqlite"
-    if not Path(spool).expanduser().is_absolute():
-        mqtt["spool"] = f"{data}/{Path(spool).name}"
-    for section in STATE_DIRS:  # folders the station writes: kept across releases too
-        sec = raw.get(section) or {}
-        if sec.get("dir") and not Path(sec["dir"]).expanduser().is_absolute():
-            sec["dir"] = f"{data}/{Path(sec['dir']).name}"
 
     header = (
         f"# Written by deploy.sh from {config.name}; edit the original and deploy again.\n"
@@ -275,10 +277,7 @@ def stage(
         write_private(out / "station.yaml", text)
     else:
         (out / "station.yaml").write_text(text)
-    writable = sorted(
-        {str(Path(mqtt["spool"]).parent)}
-        | {raw[s]["dir"] for s in STATE_DIRS if (raw.get(s) or {}).get("dir")}
-    )
+    writable = sorted(writable)
     for path in writable:  # ReadWritePaths= of the unit: a plain absolute path each
         if not DEVICE_PATH_RE.fullmatch(path) or "/../" in f"{path}/" or "/./" in f"{path}/":
             raise StageError(

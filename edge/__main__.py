@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import signal
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from edge import __version__, config
-from edge.errors import LineInspectError, SourceError
+from edge.atomic import atomic_write
+from edge.errors import SourceError, run_cli
 from edge.redact import redact_uri
 
 log = logging.getLogger("edge")
@@ -35,9 +37,10 @@ def _setup_logging(verbose: int, quiet: bool = False) -> None:
 
 # ---------------------------------------------------------------------------------------- run
 def cmd_run(args: argparse.Namespace) -> int:
-    from edge.pipeline import Pipeline
+    from edge.runtime import plan
 
     cfgs = [config.load(p) for p in args.config]
+    station_plan = plan.build(cfgs)  # everything read and validated before anything opens
     server = None
     if args.metrics_port is not None:
         from edge.metrics import MetricsServer
@@ -45,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Bind before anything opens: a taken port fails before the camera starts.
         server = MetricsServer(list, args.metrics_port, args.metrics_host)
     try:
-        pipeline = Pipeline.from_configs(cfgs, max_frames=args.max_frames)
+        pipeline = plan.open_pipeline(station_plan, max_frames=args.max_frames)
     except BaseException:
         if server is not None:
             server.close()
@@ -85,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             st["fps"],
         )
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(args.summary_json, json.dumps(summary, indent=2) + "\n")
     return 0
 
 
@@ -94,22 +97,25 @@ def _ok(what: str, detail: str) -> None:
     print(f"ok    {what:<10} {detail}", flush=True)
 
 
-def _check_broker(cfg: Any, status: dict[str, Any]) -> str:
-    """Connect and disconnect without disturbing a running station on the same broker."""
+def _check_publisher(cfg: Any, _status: dict[str, Any], spool_dir: Path) -> Any:
+    """A throwaway publisher that leaves a running station on the same broker undisturbed."""
     from edge.mqtt import Publisher
 
     mq = copy.deepcopy(cfg.mqtt)
     # A second client with the station's client id would kick the running service off the
     # broker, and its spool must not be replayed from here: own id, throwaway spool.
     mq.client_id = f"{cfg.mqtt.client_id}-check"
-    with tempfile.TemporaryDirectory(prefix="lineinspect-check-") as tmp:
-        mq.spool = str(Path(tmp) / "spool.sqlite")
-        # Its own topic, nothing retained: a check leaves no trace a gate or deploy could
-        # mistake for the station's status.
-        pub = Publisher(mq, f"{cfg.topic_base}/check", status, retain_status=False)
+    mq.spool = str(spool_dir / "spool.sqlite")
+    # Its own topic, nothing retained: a check leaves no trace a gate or deploy could
+    # mistake for the station's status.
+    status = {"station": cfg.station.name, "line": cfg.station.line, "check": True}
+    pub = Publisher(mq, f"{cfg.topic_base}/check", status, retain_status=False)
+    try:
         pub.start()
+    except BaseException:
         pub.close(timeout_s=2)
-    return f"{mq.host}:{mq.port}"
+        raise
+    return pub
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -123,115 +129,59 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _check_one(path: str) -> None:
-    import numpy as np
-
-    from edge.backends import load_backend
-    from edge.bundle import Bundle
-    from edge.evidence import QuotaDir
-    from edge.pipeline import warn_thresholds_precision
-    from edge.postprocess import effective_min_area, from_bundle
-    from edge.preprocess import to_input
-    from edge.reload import validate_thresholds
-    from edge.sources import EndOfStream, open_source
+    """The steps `run` takes (edge.runtime.plan), each printed, then one frame decided."""
+    from edge.runtime import plan as plan_mod
 
     cfg = config.load(path)
-    rt = cfg.runtime
-    _ok(
-        "config",
-        f"{cfg.path} (station {cfg.station.line}/{cfg.station.name}, {cfg.mode}, queues "
-        f"{cfg.queue_size}, inference threads {rt.inference_threads or 'auto'}, "
-        f"spin {'on' if rt.spin else 'off'}, opencv threads {rt.opencv_threads})",
-    )
-
-    bundle = Bundle(cfg.bundle)
-    bundle.verify_all()
-    m = bundle.manifest
-    _ok(
-        "bundle",
-        f"{bundle.root}: {m.name} v{m.version} ({m.model}/{m.backbone}), "
-        f"input {m.input.height}x{m.input.width}, {len(m.files)} files, hashes verified",
-    )
-    th = bundle.thresholds()
-    validate_thresholds(th, bundle.thresholds_path)
-    mismatch = warn_thresholds_precision(th, bundle, cfg.precision)
-    override = cfg.postprocess.min_region_area is not None
-    _ok(
-        "thresholds",
-        f"image {th.image_threshold:.6g}, pixel {th.pixel_threshold:.6g}, "
-        f"min area {effective_min_area(th, cfg.postprocess)}"
-        f"{' (station override)' if override else ''} ({th.method}"
-        f"{', fitted on ' + th.precision if mismatch else ''}); "
-        f"hot reload {'on file change and SIGHUP' if cfg.thresholds.watch else 'on SIGHUP'}",
-    )
-
-    mb = 1024 * 1024
-    for what, d, quota in (
-        ("evidence", cfg.evidence.dir, cfg.evidence.quota_mb),
-        (
-            "recalib",
-            cfg.recalibration.dir if cfg.recalibration.sample_rate > 0 else None,
-            cfg.recalibration.quota_mb,
-        ),
-    ):
-        if d:
-            qd = QuotaDir(d, quota * mb)  # creates it; ConfigError if not writable
-            _ok(what, f"{d}: writable, {len(qd)} kept, {qd.bytes / mb:.1f} of {quota:g} MB")
-
-    backend = load_backend(
-        cfg.backend,
-        bundle,
-        cfg.precision,
-        intra_op_threads=rt.inference_threads,
-        spin=rt.spin,
-    )
-    try:
-        providers = getattr(backend, "providers", None)
-        _ok(
-            "backend",
-            f"{backend.name} {cfg.precision}, input {backend.input_shape}"
-            + (f", providers {', '.join(providers)}" if providers else ""),
-        )
-        post = from_bundle(th, bundle.image_size, cfg.preprocess, cfg.postprocess)
-
+    plan = plan_mod.build([cfg], report=_ok, verify=True)
+    with tempfile.TemporaryDirectory(prefix="lineinspect-check-") as tmp:
         # Fail now rather than wait for the camera: `check` is asked whether it is there.
-        source = open_source(cfg.source, retry_open=False)
+        pipeline = plan_mod.open_pipeline(
+            plan,
+            publisher_factory=functools.partial(_check_publisher, spool_dir=Path(tmp)),
+            retry_open=False,
+            report=_ok,
+        )
         try:
-            timeout = max(cfg.source.timeout_s, 5.0)
-            deadline = time.monotonic() + timeout
-            frame = None
-            while frame is None and time.monotonic() < deadline:
-                try:
-                    frame = source.read(timeout=max(0.0, deadline - time.monotonic()))
-                except EndOfStream:
-                    raise SourceError(f"{redact_uri(cfg.source.uri)}: no readable frame") from None
-            if frame is None:
-                raise SourceError(f"{redact_uri(cfg.source.uri)}: no frame within {timeout:.0f}s")
-            st = source.stats()
-            skipped = f", {st['corrupt']} unreadable skipped" if st.get("corrupt") else ""
-            _ok(
-                "source",
-                f"{redact_uri(cfg.source.uri)}: frame {frame.image.shape[1]}x{frame.image.shape[0]} "
-                f"from {frame.source}{skipped}",
-            )
+            _check_frame(cfg, pipeline.station)
         finally:
-            source.close()
+            pipeline.close()
 
-        t = time.monotonic()
-        maps, scores = backend.infer(
-            to_input(frame.image, bundle.image_size, cfg.preprocess.crop)[None]
-        )
-        ms = (time.monotonic() - t) * 1000
-        d = post(maps[0], float(scores[0]), frame.image.shape)
-        _ok(
-            "inference",
-            f"{ms:.1f} ms, score {d.score:.4g}, map max {float(np.max(maps)):.4g}, "
-            f"{len(d.regions)} regions -> {'reject' if d.reject else 'pass'}",
-        )
-    finally:
-        backend.close()
 
-    status = {"station": cfg.station.name, "line": cfg.station.line, "check": True}
-    _ok("broker", f"{_check_broker(cfg, status)} reachable")
+def _check_frame(cfg: Any, st: Any) -> None:
+    """Read one frame from the opened source and decide it, as the station would."""
+    import numpy as np
+
+    from edge.preprocess import to_input
+    from edge.sources import EndOfStream
+
+    timeout = max(cfg.source.timeout_s, 5.0)
+    deadline = time.monotonic() + timeout
+    frame = None
+    while frame is None and time.monotonic() < deadline:
+        try:
+            frame = st.source.read(timeout=max(0.0, deadline - time.monotonic()))
+        except EndOfStream:
+            raise SourceError(f"{redact_uri(cfg.source.uri)}: no readable frame") from None
+    if frame is None:
+        raise SourceError(f"{redact_uri(cfg.source.uri)}: no frame within {timeout:.0f}s")
+    stats = st.source.stats()
+    skipped = f", {stats['corrupt']} unreadable skipped" if stats.get("corrupt") else ""
+    _ok(
+        "source",
+        f"{redact_uri(cfg.source.uri)}: frame {frame.image.shape[1]}x{frame.image.shape[0]} "
+        f"from {frame.source}{skipped}",
+    )
+    backend = st.engine.backend
+    t = time.monotonic()
+    maps, scores = backend.infer(to_input(frame.image, st.size, st.crop)[None])
+    ms = (time.monotonic() - t) * 1000
+    d = st.post(maps[0], float(scores[0]), frame.image.shape)
+    _ok(
+        "inference",
+        f"{ms:.1f} ms, score {d.score:.4g}, map max {float(np.max(maps)):.4g}, "
+        f"{len(d.regions)} regions -> {'reject' if d.reject else 'pass'}",
+    )
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -318,14 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # `check` prints its own findings; its INFO logs would only repeat them.
     _setup_logging(getattr(args, "verbose", 0), quiet=args.command in ("check", "bench"))
-    try:
-        return int(args.func(args) or 0)
-    except LineInspectError as exc:
-        print(f"error: {redact_uri(' '.join(str(exc).split()))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: args.func(args), redact=redact_uri)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 1. Reads N frames from the source and preprocesses them (decode + resize, outside any timing).
 2. Rounds (default 4), each: the bare backend on those preprocessed frames, one after the other
    (images/s, per-call latency, process CPU per image), then the full pipeline
-   (`Pipeline.from_config`, triggered mode, nothing dropped, station defaults: rejects go out
+   (built by edge.runtime.plan as `edge run` builds it, triggered mode, nothing dropped, station defaults: rejects go out
    over MQTT through the spool) on the same N frames from the same source, decoding them again,
    with a real broker. Alternating the two in short rounds keeps a shared machine's changing
    load out of the ratio; the ratio reported is the median of the rounds' ratios.
@@ -29,9 +29,6 @@ import json
 import os
 import platform
 import resource
-import shutil
-import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -39,12 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from edge import config as config_mod
-from edge.errors import BrokerError, ConfigError, SourceError
-
-MOSQUITTO = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+from edge.atomic import atomic_write
+from edge.broker import Mosquitto
+from edge.errors import ConfigError, SourceError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,7 +72,7 @@ def _pct(values: list[float] | np.ndarray, qs=(50, 95, 99)) -> dict[str, float |
     arr = np.asarray(values, dtype=np.float64)
     if not arr.size:
         return {f"p{q}": None for q in qs}
-    return {f"p{q}": round(float(v), 3) for q, v in zip(qs, np.percentile(arr, qs), strict=True)}
+    return {f"p{q}": round(float(v), 3) for q, v in zip(qs, np.percentile(arr, qs))}
 
 
 def rss_mb() -> float:
@@ -93,56 +89,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrivateBroker:
-    """A throwaway mosquitto on a free loopback port (no persistence), for the benchmark."""
-
-    def __init__(self, workdir: Path):
-        binary = next((b for b in MOSQUITTO if os.access(b, os.X_OK)), None)
-        binary = binary or shutil.which("mosquitto")
-        if binary is None:
-            raise BrokerError("bench needs a broker: install mosquitto or pass --broker HOST:PORT")
-        self.host, self.port = "127.0.0.1", _free_port()
-        conf = workdir / "mosquitto.conf"
-        lines = [f"listener {self.port} {self.host}", "allow_anonymous true", "persistence false"]
-        if os.geteuid() == 0:
-            lines.append("user root")
-        conf.write_text("\n".join(lines) + "\n")
-        self._log = open(workdir / "mosquitto.log", "wb")
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=self._log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        self.close()
-        raise BrokerError(f"private mosquitto did not start on port {self.port}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 def _station_cfg(
     args: argparse.Namespace, host: str, port: int, work: Path, results: bool = False, **source: Any
 ):
-    """A station config for the run. results: publish every part (the latency phase needs
-    them; the throughput phase runs as a station does by default: rejects only)."""
+    """A station config for the run, in memory. results: publish every part (the latency phase
+    needs them; the throughput phase runs as a station does by default: rejects only)."""
     data = {
         "station": {"line": "bench", "name": "station1"},
         "bundle": str(Path(args.bundle).resolve()),
@@ -150,12 +101,8 @@ def _station_cfg(
         "precision": args.precision,
         "mode": "triggered",
         "queue_size": args.queue_size,
-        # relative to where bench runs, not to the temporary station file
-        "source": {
-            "uri": config_mod.resolve_source_uri(Path.cwd(), args.source),
-            "loop": True,
-            **source,
-        },
+        # relative to where bench runs
+        "source": {"uri": args.source, "loop": True, **source},
         "mqtt": {
             "host": host,
             "port": port,
@@ -172,9 +119,14 @@ def _station_cfg(
             "opencv_threads": args.opencv_threads,
         },
     }
-    path = work / "station.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return config_mod.load(path)
+    return config_mod.from_mapping(data, base=Path.cwd(), source="<edge bench>")
+
+
+def _open(cfg: Any, max_frames: int | None = None) -> Any:
+    """The station's own assembly path (edge.runtime.plan), as `edge run` takes it."""
+    from edge.runtime import plan
+
+    return plan.open_pipeline(plan.build([cfg]), max_frames=max_frames)
 
 
 def _read_frames(args: argparse.Namespace, size: tuple[int, int]) -> np.ndarray:
@@ -226,9 +178,7 @@ def bench_backend(backend: Any, frames: np.ndarray) -> dict[str, Any]:
 
 def bench_pipeline(cfg: Any, frames: int, listener: Any = None) -> dict[str, Any]:
     """The full pipeline on `frames` frames of cfg's source; e2e latencies if a listener."""
-    from edge.pipeline import Pipeline
-
-    pipe = Pipeline.from_config(cfg, max_frames=frames)
+    pipe = _open(cfg, max_frames=frames)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     summary = pipe.run()
@@ -270,9 +220,7 @@ def bench_pipeline(cfg: Any, frames: int, listener: Any = None) -> dict[str, Any
 
 def soak(cfg: Any, seconds: float) -> dict[str, Any]:
     """Looping replay for `seconds`, RSS sampled every second; memory must stay flat."""
-    from edge.pipeline import Pipeline
-
-    pipe = Pipeline.from_config(cfg)
+    pipe = _open(cfg)
     samples: list[tuple[float, float]] = []
     t0 = time.monotonic()
     done = threading.Event()
@@ -354,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
             host, _, port = args.broker.rpartition(":")
             host, port = host or "127.0.0.1", int(port)
         else:
-            broker = PrivateBroker(work)
+            broker = Mosquitto(work).start()
             host, port = broker.host, broker.port
         try:
             cfg = _station_cfg(args, host, port, work)
@@ -430,13 +378,13 @@ def run(args: argparse.Namespace) -> int:
                 result["soak"] = soak(cfg_soak, args.soak)
         finally:
             if broker is not None:
-                broker.close()
+                broker.kill()
     result["acceptance"] = accept
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     _print_summary(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -11,9 +11,7 @@ model never reaches a backend.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import yaml
 
 from edge import typedconfig
+from edge.atomic import atomic_write
 from edge.errors import BundleError, ConfigError
 
 MANIFEST = "manifest.yaml"
@@ -95,27 +94,6 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write(path: str | Path, data: str | bytes | memoryview) -> None:
-    """Write via a temp file + fsync + rename so a crash or full disk never leaves half a file.
-
-    Args:
-        data: text, or any buffer (bytes, a TensorRT IHostMemory through memoryview).
-    """
-    path = Path(path)
-    blob = data.encode() if isinstance(data, str) else memoryview(data)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; bundle files are read by the station's user
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_member(root: Path, name: str, manifest: Path) -> None:

@@ -6,13 +6,16 @@ can be moved or deployed as a whole.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import re
 import stat
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from edge import typedconfig
 from edge.errors import ConfigError
@@ -21,6 +24,25 @@ from edge.errors import ConfigError
 # separator (/), no whitespace or control characters, nothing a shell or a broker ACL reads twice.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CREDENTIAL_KEYS = ("mqtt_username", "mqtt_password")
+
+
+# Keys that hold paths, declared once on their fields (metadata "path"): config loading
+# resolves every one of them against the file's folder, and deploy/stage.py decides from the
+# kind what a release does with it (path_keys() lists them).
+#   source      the source URI: a relative file path or file:// URI resolves, other URIs stay
+#   bundle      the bundle folder (deploy ships the bundle given to it)
+#   input       a file the station reads (deploy ships it with the release)
+#   state_file  a file the station writes (deploy keeps it in the device's data folder)
+#   state_dir   a folder the station writes (the same)
+#   secret      the credentials file (deploy writes it, private, outside the release)
+SOURCE, BUNDLE, INPUT = ({"path": "source"}, {"path": "bundle"}, {"path": "input"})
+STATE_FILE, STATE_DIR, SECRET = ({"path": "state_file"}, {"path": "state_dir"}, {"path": "secret"})
+
+
+def default_client_id(*names: str) -> str:
+    """The MQTT client id of a station without one: lineinspect-<line>-<station>, stable across
+    restarts (the broker keeps its session)."""
+    return "-".join(("lineinspect", *names))
 
 
 def check_name(key: str, value: str) -> None:
@@ -43,7 +65,9 @@ class StationId:
 
 @dataclass
 class SourceConfig:
-    uri: str  # file://video.mp4, file://dir/, bare path, v4l2:///dev/video0, csi://0, rtsp://, gst://
+    uri: str = field(
+        metadata=SOURCE
+    )  # file://video.mp4, file://dir/, bare path, v4l2:///dev/video0, csi://0, rtsp://, gst://
     loop: bool = False
     rate: float = 0.0  # frames/s for file replay; 0 = as fast as the pipeline takes them
     timeout_s: float = 1.0  # read() returns None after this long without a frame
@@ -81,15 +105,15 @@ class PreprocessConfig:
 
 @dataclass
 class PostprocessConfig:
-    roi_mask: str | None = None  # image file; non-zero pixels are inspected
+    roi_mask: str | None = field(default=None, metadata=INPUT)  # non-zero pixels are inspected
     min_region_area: int | None = None  # overrides thresholds.yaml when set
 
 
 @dataclass
 class TlsConfig:
-    ca_certs: str | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
+    ca_certs: str | None = field(default=None, metadata=INPUT)
+    certfile: str | None = field(default=None, metadata=INPUT)
+    keyfile: str | None = field(default=None, metadata=INPUT)
     insecure: bool = False  # skip hostname check (test rigs only)
 
 
@@ -112,7 +136,9 @@ class MqttConfig:
     publish_results: bool = False  # also publish every part on <base>/result
     # 1: results are acknowledged by the broker too (and their capture -> ack latency measured)
     result_qos: Literal[0, 1] = 0
-    spool: str = "spool.sqlite"  # reject events wait here until the broker acknowledges them
+    spool: str = field(
+        default="spool.sqlite", metadata=STATE_FILE
+    )  # reject events wait here until the broker acknowledges them
     spool_max_events: int = 100000
     reconnect_max_s: float = 10.0
     # Rejects published but not yet acknowledged (paho's in-flight window). When the broker
@@ -142,7 +168,7 @@ def _check_quota(key: str, quota_mb: float) -> None:
 
 @dataclass
 class EvidenceConfig:
-    dir: str | None = None  # None = keep no evidence
+    dir: str | None = field(default=None, metadata=STATE_DIR)  # None = keep no evidence
     quota_mb: float = 500.0  # oldest evidence deleted first above this
     sample_pass_rate: float = 0.0  # fraction of passed parts also kept (0..1)
     jpeg_quality: int = 90
@@ -163,7 +189,7 @@ class EvidenceConfig:
 class RecalibrationConfig:
     """A sample of ACCEPTED parts' raw frames (PNG), for refitting thresholds on the line."""
 
-    dir: str | None = None  # None = keep none
+    dir: str | None = field(default=None, metadata=STATE_DIR)  # None = keep none
     sample_rate: float = 0.0  # fraction of accepted parts kept (0..1)
     quota_mb: float = 1000.0  # oldest frames deleted first above this
 
@@ -213,7 +239,7 @@ class RuntimeConfig:
 
 @dataclass
 class StationConfig:
-    bundle: str
+    bundle: str = field(metadata=BUNDLE)
     source: SourceConfig
     station: StationId = field(default_factory=StationId)
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
@@ -233,7 +259,7 @@ class StationConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # A YAML mapping with optional mqtt_username / mqtt_password, readable by its owner only;
     # its values override mqtt.username / mqtt.password. Never logged nor published.
-    credentials_file: str | None = None
+    credentials_file: str | None = field(default=None, metadata=SECRET)
     # Liveness: a heartbeat on <base>/status every heartbeat_s; a `stalled` alarm when the
     # source delivers frames but none is decided for stall_s.
     heartbeat_s: float = 5.0
@@ -273,32 +299,96 @@ def load(path: str | Path) -> StationConfig:
     """Load and validate a station YAML. Raises ConfigError naming the file and key."""
     path = Path(path)
     data = typedconfig.read_yaml(path)
+    return from_mapping(
+        data,
+        base=path.resolve().parent,
+        source=str(path),
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        path=str(path.resolve()),
+    )
+
+
+def from_mapping(
+    data: dict, *, base: Path, source: str, sha256: str | None = None, path: str | None = None
+) -> StationConfig:
+    """A station config from an in-memory mapping (what `load` does once the YAML is read).
+
+    Relative paths resolve against `base`; sha256 defaults to the hash of the mapping."""
     for reserved in ("path", "sha256"):
         if reserved in data:
-            raise ConfigError(f"{path}: unknown key {reserved}")
-    cfg = typedconfig.from_dict(StationConfig, data, source=str(path))
-    base = path.resolve().parent
-    cfg.path = str(path.resolve())
-    cfg.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    cfg.bundle = _resolve(base, cfg.bundle)
-    cfg.source.uri = resolve_source_uri(base, cfg.source.uri)
-    cfg.postprocess.roi_mask = _resolve(base, cfg.postprocess.roi_mask)
-    cfg.mqtt.spool = _resolve(base, cfg.mqtt.spool)
-    cfg.evidence.dir = _resolve(base, cfg.evidence.dir)
-    cfg.recalibration.dir = _resolve(base, cfg.recalibration.dir)
-    if cfg.mqtt.tls is not None:
-        for key in ("ca_certs", "certfile", "keyfile"):
-            setattr(cfg.mqtt.tls, key, _resolve(base, getattr(cfg.mqtt.tls, key)))
+            raise ConfigError(f"{source}: unknown key {reserved}")
+    cfg = typedconfig.from_dict(StationConfig, data, source=source)
+    base = Path(base).resolve()
+    cfg.path = path or source
+    if sha256 is None:
+        canonical = json.dumps(data, sort_keys=True, default=str).encode()
+        sha256 = hashlib.sha256(canonical).hexdigest()
+    cfg.sha256 = sha256
+    for key, kind in path_keys().items():
+        value = get_key(cfg, key)
+        if value is not None:
+            resolved = (
+                resolve_source_uri(base, value) if kind == "source" else _resolve(base, value)
+            )
+            set_key(cfg, key, resolved)
     if not cfg.mqtt.client_id:
-        cfg.mqtt.client_id = f"lineinspect-{cfg.station.line}-{cfg.station.name}"
+        cfg.mqtt.client_id = default_client_id(cfg.station.line, cfg.station.name)
     if cfg.credentials_file is not None:
-        cfg.credentials_file = _resolve(base, cfg.credentials_file)
         creds = load_credentials(cfg.credentials_file)
         if "mqtt_username" in creds:
             cfg.mqtt.username = creds["mqtt_username"]
         if "mqtt_password" in creds:
             cfg.mqtt.password = creds["mqtt_password"]
     return cfg
+
+
+def path_keys(cls: type | None = None) -> dict[str, str]:
+    """Every path-bearing key of the station config, dotted ("mqtt.tls.keyfile"), and its kind."""
+    out: dict[str, str] = {}
+    hints = typedconfig.type_hints(cls or StationConfig)
+    for f in dataclasses.fields(cls or StationConfig):
+        if "path" in f.metadata:
+            out[f.name] = f.metadata["path"]
+        for sub in _dataclasses_in(hints[f.name]):
+            out.update({f"{f.name}.{k}": v for k, v in path_keys(sub).items()})
+    return out
+
+
+def _dataclasses_in(tp: Any) -> list[type]:
+    if dataclasses.is_dataclass(tp):
+        return [tp]
+    return [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+
+
+def default_of(dotted: str) -> Any:
+    """The default of a dotted key (None when the field has none)."""
+    cls: Any = StationConfig
+    *parents, last = dotted.split(".")
+    for part in parents:
+        (sub,) = _dataclasses_in(typedconfig.type_hints(cls)[part])
+        cls = sub
+    f = {f.name: f for f in dataclasses.fields(cls)}[last]
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def get_key(obj: Any, dotted: str) -> Any:
+    """The value at a dotted key of a config tree (dataclasses, or mappings as in YAML); None
+    when a section on the way is absent."""
+    for part in dotted.split("."):
+        if obj is None:
+            return None
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def set_key(obj: Any, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    if isinstance(obj, dict):
+        obj[last] = value
+    else:
+        setattr(obj, last, value)
 
 
 def load_credentials(path: str | Path) -> dict[str, str]:

@@ -1,4 +1,10 @@
-"""Error types. Library code raises these; only the CLIs print them and exit non-zero."""
+"""Error types. Library code raises these; only the CLIs print them and exit non-zero, all of
+them through `run_cli`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
 
 
 class LineInspectError(Exception):
@@ -27,3 +33,25 @@ class BrokerError(LineInspectError):
 
 class DataError(LineInspectError):
     """An image set is empty, unreadable or not in the expected layout."""
+
+
+def run_cli(
+    command: Callable[[], int | None],
+    *,
+    redact: Callable[[str], str] = str,
+    also: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Run one CLI command the way every LineInspect CLI reports failure.
+
+    A LineInspectError (and, while a CLI still lets library code raise them, the classes in
+    `also`) prints one line `error: <message>` on stderr and returns 2; Ctrl-C prints
+    `error: interrupted` and returns 130; anything else is a bug and keeps its traceback.
+    redact: applied to the message (edge hides URI credentials)."""
+    try:
+        return int(command() or 0)
+    except (LineInspectError, *also) as exc:
+        print(f"error: {redact(' '.join(str(exc).split()))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

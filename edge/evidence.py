@@ -31,6 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge.atomic import atomic_write
 from edge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,6 @@ class QuotaDir:
                 (self.path / name).unlink(missing_ok=True)
             self.bytes -= nbytes
             self.deleted += 1
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def heatmap_overlay(
@@ -224,7 +218,7 @@ class EvidenceWriter:
             "skipped_for_spool": 0,
         }
         if self.recal is not None:
-            _atomic_write(
+            atomic_write(
                 self.recal.path / "recalibration.json",
                 (json.dumps(info or {}, indent=2) + "\n").encode(),
             )
@@ -346,7 +340,7 @@ class EvidenceWriter:
             ok, png = cv2.imencode(".png", job.frame.image)
             if not ok:
                 raise OSError("PNG encoding failed")
-            _atomic_write(self.recal.path / f"{job.stem}.png", png.tobytes())
+            atomic_write(self.recal.path / f"{job.stem}.png", png.tobytes())
             self.recal.add(job.stem, [f"{job.stem}.png"], len(png))
             self.counts["recalibration_written"] += 1
             return
@@ -383,8 +377,8 @@ class EvidenceWriter:
             "written": time.time(),
         }
         side = json.dumps(sidecar, indent=1, default=_json_default).encode()
-        _atomic_write(self.evidence.path / f"{job.stem}.jpg", jpg.tobytes())
-        _atomic_write(self.evidence.path / f"{job.stem}.json", side)
+        atomic_write(self.evidence.path / f"{job.stem}.jpg", jpg.tobytes())
+        atomic_write(self.evidence.path / f"{job.stem}.json", side)
         self.evidence.add(job.stem, [f"{job.stem}.jpg", f"{job.stem}.json"], len(jpg) + len(side))
         self.counts["evidence_written"] += 1
 

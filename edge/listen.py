@@ -31,13 +31,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edge.config import TlsConfig
 from edge.errors import BrokerError, LineInspectError
-from edge.mqtt import PASSWORD_ENV, DiagnosingClient, describe_error
+from edge.mqtt.connection import (
+    PASSWORD_ENV,
+    DiagnosingClient,
+    connect_async,
+    describe_error,
+    new_client,
+)
 
 log = logging.getLogger("lineinspect.listen")
 
@@ -139,36 +142,33 @@ class Listener:
 
     def start(self, timeout: float = 10.0) -> Listener:
         """Connect and subscribe; raise BrokerError when that does not happen within timeout."""
-        v5 = self.protocol == "5"
-        client = DiagnosingClient(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else not self.persistent,
-            manual_ack=True,  # acknowledge only what was handled (see _on_message)
-        )
-        if self.username is not None or self.password:
-            client.username_pw_set(self.username or "", self.password)
-        if self.tls is not None:
-            try:
-                client.tls_set(
-                    ca_certs=self.tls.ca_certs, certfile=self.tls.certfile, keyfile=self.tls.keyfile
-                )
-                client.tls_insecure_set(self.tls.insecure)
-            except (OSError, ValueError) as exc:
-                raise BrokerError(
-                    f"cannot reach MQTT broker at {self.host}:{self.port}: TLS setup failed: {exc}"
-                ) from exc
-        client.reconnect_delay_set(min(1.0, self.reconnect_max_s), self.reconnect_max_s)
+        try:
+            client = new_client(
+                self.client_id,
+                protocol=self.protocol,
+                persistent=self.persistent,
+                username=self.username,
+                password=self.password,
+                tls=self.tls,
+                reconnect_max_s=self.reconnect_max_s,
+                manual_ack=True,  # acknowledge only what was handled (see _on_message)
+            )
+        except (OSError, ValueError) as exc:
+            raise BrokerError(
+                f"cannot reach MQTT broker at {self.host}:{self.port}: TLS setup failed: {exc}"
+            ) from exc
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
-        kwargs: dict[str, Any] = {}
-        if v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self.session_expiry_s if self.persistent else 0
-            kwargs = {"clean_start": not self.persistent, "properties": props}
-        client.connect_async(self.host, self.port, self.keepalive, **kwargs)
+        connect_async(
+            client,
+            self.host,
+            self.port,
+            self.keepalive,
+            protocol=self.protocol,
+            persistent=self.persistent,
+            session_expiry_s=self.session_expiry_s,
+        )
         self._client = client
         client.loop_start()
         if not self._subscribed.wait(timeout):
@@ -373,7 +373,7 @@ def format_event(event: Event) -> str:
 
 
 def _num(x: Any) -> str:
-    return f"{x:.4g}" if isinstance(x, int | float) else str(x)
+    return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

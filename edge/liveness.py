@@ -86,7 +86,9 @@ class Liveness:
             if beat is not None:
                 beat(
                     {
-                        "uptime_s": round(now - st._t_start, 1) if st._t_start else 0.0,
+                        "uptime_s": round(now - st.counters.t_start, 1)
+                        if st.counters.t_start
+                        else 0.0,
                         "last_decided": self.last_decided,
                         "frames": frames,
                         "captured": captured,

@@ -45,9 +45,7 @@ class LatencyWindows:
             values = list(win)
             if values:
                 p = np.percentile(np.asarray(values), PERCENTILES) * 1000.0
-                out[stage] = {
-                    f"p{q}": round(float(v), 3) for q, v in zip(PERCENTILES, p, strict=True)
-                }
+                out[stage] = {f"p{q}": round(float(v), 3) for q, v in zip(PERCENTILES, p)}
             else:
                 out[stage] = {f"p{q}": None for q in PERCENTILES}
         return out
@@ -60,7 +58,7 @@ def quantiles(values: Iterable[float]) -> dict[str, float | None]:
     if not arr.size:
         return {**dict.fromkeys(keys), "n": 0}
     q = np.quantile(arr, [0.5, 0.95, 0.99, 1.0])
-    return {**{k: round(float(v), 6) for k, v in zip(keys, q, strict=True)}, "n": int(arr.size)}
+    return {**{k: round(float(v), 6) for k, v in zip(keys, q)}, "n": int(arr.size)}
 
 
 # ------------------------------------------------------------------------------- Prometheus
@@ -77,7 +75,7 @@ def _labels(labels: dict[str, Any]) -> str:
 def _num(v: Any) -> str | None:
     if isinstance(v, bool):
         return "1" if v else "0"
-    if not isinstance(v, int | float) or (isinstance(v, float) and math.isnan(v)):
+    if not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
         return None
     if isinstance(v, float) and math.isinf(v):
         return "+Inf" if v > 0 else "-Inf"

@@ -152,9 +152,7 @@ class PostProcessor:
         bottom = np.minimum(np.ceil(bottoms[keep] * sy).astype(np.int64) + y0, y0 + vh)
         regions = [
             Region([int(a), int(b), int(c - a), int(d - b)], int(ar), float(pk))
-            for a, b, c, d, ar, pk in zip(
-                left, top, right, bottom, areas[keep], peaks[keep], strict=True
-            )
+            for a, b, c, d, ar, pk in zip(left, top, right, bottom, areas[keep], peaks[keep])
         ]
         regions.sort(key=lambda r: -r.peak)
         return regions, total

@@ -34,7 +34,7 @@ def validate_thresholds(th: Thresholds, path: Any) -> None:
         )
     for key in ("image_threshold", "pixel_threshold"):
         v = getattr(th, key)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise BundleError(f"{path}: {key}: must be a finite number, got {v!r}")
 
 

@@ -213,7 +213,7 @@ class Spool:
         Idempotent on event_id: putting an id already pending stores nothing new.
         Raises SpoolFullError when full, SpoolError on any I/O problem; never drops silently.
         """
-        if not isinstance(payload, bytes | bytearray | memoryview):
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"spool payload must be bytes, got {type(payload).__name__}")
         with self._lock:
             conn = self._open_conn()

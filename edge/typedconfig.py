@@ -7,7 +7,10 @@ a silently ignored setting.
 
 from __future__ import annotations
 
+import ast
+import builtins
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -51,7 +54,7 @@ def from_dict(cls: type[T], data: Any, source: str = "<config>", prefix: str = "
     where = f"{source}: {prefix or '<top>'}"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -75,12 +78,79 @@ def from_dict(cls: type[T], data: Any, source: str = "<config>", prefix: str = "
     return obj
 
 
+# `X | Y` is a types.UnionType from 3.10 on; the annotation parser below builds typing.Union.
+_UNIONS = (typing.Union, getattr(types, "UnionType", typing.Union))
+# Builtin generics as typing spells them, so `list[int]` means the same on Python 3.8.
+_GENERICS = {
+    list: typing.List,
+    dict: typing.Dict,
+    tuple: typing.Tuple,
+    set: typing.Set,
+    frozenset: typing.FrozenSet,
+    type: typing.Type,
+}
+
+
+def type_hints(cls: type) -> dict[str, Any]:
+    """The field types of dataclass `cls`, resolved the same way on every Python from 3.8.
+
+    With `from __future__ import annotations` every annotation is a string. On Python 3.8
+    `typing.get_type_hints` cannot evaluate `int | None` or `list[int]`, so string annotations
+    are parsed here instead: `|` becomes typing.Union and builtin generics their typing aliases.
+    """
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        ann = klass.__dict__.get("__annotations__", {})
+        if not ann:
+            continue
+        ns = dict(vars(typing))
+        ns.update(vars(sys.modules[klass.__module__]))
+        for name, tp in ann.items():
+            hints[name] = _parse_annotation(tp, ns) if isinstance(tp, str) else tp
+    return hints
+
+
+def _parse_annotation(text: str, ns: dict[str, Any]) -> Any:
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError as exc:
+        raise TypeError(f"cannot parse annotation {text!r}: {exc}") from exc
+    return _eval_node(node, ns, text)
+
+
+def _eval_node(node: ast.AST, ns: dict[str, Any], text: str) -> Any:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return typing.Union[_eval_node(node.left, ns, text), _eval_node(node.right, ns, text)]
+    if isinstance(node, ast.Subscript):
+        base = _eval_node(node.value, ns, text)
+        base = _GENERICS.get(base, base)
+        index = node.slice
+        if isinstance(index, ast.Index):  # Python 3.8 wraps subscripts in ast.Index
+            index = index.value  # type: ignore[attr-defined]
+        if isinstance(index, ast.Tuple):
+            args = tuple(_eval_node(e, ns, text) for e in index.elts)
+        else:
+            args = _eval_node(index, ns, text)
+        return base[args]
+    if isinstance(node, ast.Name):
+        if node.id in ns:
+            return ns[node.id]
+        if hasattr(builtins, node.id):
+            return getattr(builtins, node.id)
+        raise TypeError(f"annotation {text!r}: unknown name {node.id!r}")
+    if isinstance(node, ast.Attribute):
+        return getattr(_eval_node(node.value, ns, text), node.attr)
+    if isinstance(node, ast.Constant):  # None, Literal values, the `...` of tuple[int, ...]
+        return node.value
+    raise TypeError(f"annotation {text!r}: unsupported expression {ast.dump(node)}")
+
+
 def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
         return value
-    if origin in (typing.Union, types.UnionType):
+    if origin in _UNIONS:
         if value is None and type(None) in args:
             return None
         errors = []
@@ -145,4 +215,6 @@ def to_dict(obj: Any) -> Any:
 
 def dump(obj: Any, path: str | Path) -> None:
     """Write the resolved config tree as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    from edge.atomic import atomic_write
+
+    atomic_write(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

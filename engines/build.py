@@ -21,11 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edge import bundle as bundle_mod
 from edge.backends import trt_compat as tc
@@ -227,7 +226,7 @@ def build(
         engine.unlink(missing_ok=True)
         side.unlink(missing_ok=True)
         raise
-    meta["parity"] = report.as_dict() | {"reference": bundle_mod.PRECISION_FILES[ref_precision]}
+    meta["parity"] = {**report.as_dict(), "reference": bundle_mod.PRECISION_FILES[ref_precision]}
     log.info("parity vs ONNX Runtime: %s", report.summary())
     if precision != "fp32":
         try:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tests.broker import Mosquitto  # noqa: E402  (test helper reused: one broker launcher)
+from edge.broker import Mosquitto  # noqa: E402  (the one broker launcher)
 
 PY = sys.executable
 ROI_MARGIN = 16  # px at 256: the belt around the part; defects lie well inside

@@ -1,5 +1,7 @@
 """Backend contract: every backend in BACKENDS passes the same test (skipped where not loadable)."""
 
+from __future__ import annotations
+
 import numpy as np
 import pytest
 

@@ -1,10 +1,15 @@
 """Station config: strict typed loading, errors naming file and key, path resolution."""
 
+from __future__ import annotations
+
+import dataclasses
+import typing
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
-from edge import config
+from edge import config, typedconfig
 from edge.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,3 +235,34 @@ def test_redact_uri(uri, want):
     from edge.redact import redact_uri
 
     assert redact_uri(uri) == want
+
+
+# ------------------------------------------------------------------ annotations on Python 3.8
+@dataclasses.dataclass
+class _Inner:
+    n: int = 0
+
+
+@dataclasses.dataclass
+class _Spelled:
+    a: int | None = None
+    b: list[int] = dataclasses.field(default_factory=list)
+    c: dict[str, float] = dataclasses.field(default_factory=dict)
+    d: tuple[int, ...] = ()
+    e: Literal["x", "y"] = "x"
+    f: _Inner | None = None
+    g: typing.Optional[str] = None  # noqa: UP045 - the old spelling must work too
+
+
+def test_typedconfig_reads_new_style_annotations_on_every_python():
+    """`X | None`, `list[int]` ... are strings here (from __future__ import annotations);
+    typedconfig parses them itself, so Python 3.8 (JetPack 5) reads the same config trees."""
+    hints = typedconfig.type_hints(_Spelled)
+    assert hints["a"] == typing.Optional[int] and hints["b"] == typing.List[int]  # noqa: UP006
+    data = {"a": 3, "b": [1, 2], "c": {"k": 1}, "d": [4, 5], "e": "y", "f": {"n": 7}, "g": "s"}
+    obj = typedconfig.from_dict(_Spelled, data)
+    assert obj == _Spelled(3, [1, 2], {"k": 1.0}, (4, 5), "y", _Inner(7), "s")
+    with pytest.raises(ConfigError, match="e: invalid value 'z'"):
+        typedconfig.from_dict(_Spelled, {"e": "z"})
+    with pytest.raises(ConfigError, match=r"b\[1\]: expected an integer"):
+        typedconfig.from_dict(_Spelled, {"b": [1, "2"]})

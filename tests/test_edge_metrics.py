@@ -1,5 +1,7 @@
 """Metrics: rolling windows, quantiles, Prometheus text exposition and its HTTP endpoint."""
 
+from __future__ import annotations
+
 import re
 import threading
 import urllib.error

@@ -1,5 +1,7 @@
 """Evidence (rejects + sampled passes) and recalibration samples: contents, sampling, quotas."""
 
+from __future__ import annotations
+
 import json
 
 import cv2

@@ -6,6 +6,8 @@ them, that no defective or unverified (NaN output, failed inference) part got a 
 that every poisoned part's reject says `reason: unverified`.
 """
 
+from __future__ import annotations
+
 import pytest
 
 from tests.faults import SCENARIOS, Skip, run_scenario

@@ -1,5 +1,7 @@
 """Publisher and Listener against a real mosquitto started by each test."""
 
+from __future__ import annotations
+
 import json
 import logging
 import math

@@ -1,5 +1,7 @@
 """Pipeline with the fake bundle (unit, fake publisher), the CLI, and end to end with mosquitto."""
 
+from __future__ import annotations
+
 import json
 import subprocess
 import sys
@@ -350,7 +352,7 @@ def test_periodic_metrics_and_bounded_windows(tmp_path, bundle_dir):
     # frames 2, 8, .., 38 are defects; the last 8 parts (32..39) hold two of them
     assert m["rejects"] == 7 and m["reject_rate"] == 0.25
     assert all(len(w) == 8 for w in p.latency._w.values())
-    assert len(p.station._good_scores) == 8 and len(p.station._recent) == 8
+    assert len(p.station.counters._good_scores) == 8 and len(p.station.counters._recent) == 8
     assert s["frames"] == 40
 
 
@@ -800,12 +802,15 @@ def test_heartbeat_stalled_alarm_and_sd_notify(tmp_path, bundle_dir, monkeypatch
         while True:
             try:
                 got.append(server.recv(64))
-            except TimeoutError:
+            except socket.timeout:  # TimeoutError only from Python 3.10
                 return
 
     try:
         deadline = time.monotonic() + 10
         while p.station.frames < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # A beat (every 0.1 s) may go out before the first decision: wait for one after it.
+        while not (pub.beats and pub.beats[-1]["last_decided"]) and time.monotonic() < deadline:
             time.sleep(0.05)
         drain_notify()
         assert got[0] == b"READY=1" and b"WATCHDOG=1" in got

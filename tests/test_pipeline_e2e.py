@@ -1,6 +1,8 @@
 """End to end against a real mosquitto: replays, a misbehaving camera, SIGTERM, SIGHUP, several
 stations in one process, the Prometheus endpoint, and the benchmark command."""
 
+from __future__ import annotations
+
 import json
 import os
 import signal

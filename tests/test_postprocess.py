@@ -1,5 +1,7 @@
 """Post-processing: regions, bboxes mapped back through crop + resize, min area, ROI, speed."""
 
+from __future__ import annotations
+
 import time
 
 import cv2

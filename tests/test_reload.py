@@ -1,5 +1,7 @@
 """Hot reload of thresholds.yaml: applied when valid, refused (old kept) when not."""
 
+from __future__ import annotations
+
 import logging
 import os
 

@@ -1,5 +1,7 @@
 """Frame sources: image folders and video files (solid), live sources (reconnect logic)."""
 
+from __future__ import annotations
+
 import logging
 import time
 from pathlib import Path
