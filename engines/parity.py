@@ -8,16 +8,17 @@ image's map range when that is larger (a normalised score near 0 has no relative
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Tuple
 
 import numpy as np
 
 from edge.errors import LineInspectError
 from edge.preprocess import load_batch
 
-Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (B,3,H,W) uint8 -> maps, scores
+# typing.Tuple: evaluated at import, and the device side runs on Python 3.8 (JetPack 5)
+Infer = Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]  # (B,3,H,W) uint8 -> maps, scores
 
 
 class ParityError(LineInspectError):
@@ -108,7 +109,7 @@ def compare(
     # the one that failed, whichever of the two tests it failed.
     ratio = [
         max(m / (map_tol * max(rng, 1e-12)), s / score_rtol)
-        for m, s in zip(map_diff, score_rel, strict=True)
+        for m, s in zip(map_diff, score_rel)  # equal lengths; no strict= on Python 3.8
     ]
     w = int(np.argmax(ratio))
     return ParityReport(

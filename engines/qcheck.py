@@ -138,7 +138,8 @@ class Reference:
             maps.shape[1:],
         )
         frame = (*maps.shape[1:], 3)
-        return np.array([post(m, s, frame).reject for m, s in zip(maps, scores, strict=True)])
+        # equal lengths by construction; no zip(strict=) on Python 3.8 (the device runs this)
+        return np.array([post(m, s, frame).reject for m, s in zip(maps, scores)])
 
     def compare(
         self, precision: str, maps: np.ndarray, scores: np.ndarray, budget: Budget
