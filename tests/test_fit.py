@@ -166,7 +166,7 @@ def test_example_config_loads_and_cli_overrides():
 
     cfg = load_config(ROOT / "configs" / "train_stpm.yaml", {"epochs": 3, "data": "x"})
     assert cfg.model == "stpm" and cfg.epochs == 3 and cfg.data == "x"
-    assert cfg.model_args == {"stages": [1, 2, 4], "sigma": 4.0}
+    assert cfg.model_args == {"stages": [1, 2, 4], "combine_scales": "product", "sigma": 4.0}
     defaults = TrainConfig()
     assert (cfg.image_size, cfg.batch_size, cfg.lr) == (
         defaults.image_size,
@@ -231,7 +231,7 @@ def test_cosine_schedule_resumes_after_an_interruption(tmp_path, good_dir, monke
     assert last["scheduler"]["last_epoch"] == last["step"] == full[-1]["step"]
 
 
-@pytest.mark.parametrize("kind", ["dskd", "mtkd"])
+@pytest.mark.parametrize("kind", ["stpm", "dskd", "mtkd", "patchcore"])
 def test_model_configs_load_and_build(kind):
     from train.fit import load_config
     from train.models import build_model
