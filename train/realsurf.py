@@ -31,6 +31,7 @@ from tqdm import tqdm
 from edge.errors import DataError
 from edge.preprocess import list_images, read_image
 from train.painter import PAINTERS, paint_defect
+from train.synth import _clear_pngs
 
 REAL_VERSION = "1.0"
 
@@ -91,21 +92,14 @@ def _write(path: Path, img: np.ndarray) -> None:
         raise DataError(f"{path}: could not write")
 
 
-def _clear(folder: Path) -> None:
-    """Drop our stale PNGs (a previous run with larger counts) before rewriting."""
-    if folder.is_dir():
-        for f in folder.glob("*.png"):
-            f.unlink()
-
-
 def _write_defects(
     root: Path, goods: list[np.ndarray], defects: list[str], per_defect: int, rng_of
 ) -> None:
     """test/<defect>/NNN.png + ground_truth/<defect>/NNN_mask.png, painted on copies of goods
     (taken in turn across defects, so with enough goods every defect has parts of its own)."""
     for j, d in enumerate(defects):
-        _clear(root / "test" / d)
-        _clear(root / "ground_truth" / d)
+        _clear_pngs(root / "test" / d, "*.png")
+        _clear_pngs(root / "ground_truth" / d, "*.png")
         for i in range(per_defect):
             img, mask = paint_defect(goods[(j * per_defect + i) % len(goods)], d, rng_of(d, i))
             _write(root / "test" / d / f"{i:03d}.png", img)
@@ -139,7 +133,7 @@ def generate_real(
                 ("train", "train/good", train_good),
                 ("test", "test/good", test_good),
             ):
-                _clear(root / split)
+                _clear_pngs(root / split, "*.png")
                 for i in range(n):
                     _write(
                         root / split / f"{i:03d}.png",
@@ -215,7 +209,7 @@ def paint_folder(
     train = sorted(ranked[n_test:])
     bar = tqdm(total=len(files) + len(defs) * test_defect, desc="paint", disable=not progress)
     for split, group in (("train/good", train), ("test/good", test)):
-        _clear(out / split)
+        _clear_pngs(out / split, "*.png")
         for f in group:
             _write(out / split / f"{f.stem}.png", images[f])
             bar.update()
