@@ -48,14 +48,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Bind before anything opens: a taken port fails before the camera starts.
         server = MetricsServer(list, args.metrics_port, args.metrics_host)
     try:
-        pipeline = plan.open_pipeline(station_plan, max_frames=args.max_frames)
+        view = _operator_view(cfgs, args)  # bound now too: a taken port fails early
     except BaseException:
         if server is not None:
             server.close()
         raise
+    try:
+        pipeline = plan.open_pipeline(station_plan, max_frames=args.max_frames)
+    except BaseException:
+        for s in (server, view):
+            if s is not None:
+                s.close()
+        raise
     if server is not None:
         server.provider = pipeline.snapshots
         server.start()
+    if view is not None:
+        view.attach(pipeline.stations)
+        view.start()
 
     def on_signal(signum: int, _frame: Any) -> None:
         if pipeline.stopping:
@@ -75,8 +85,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        if server is not None:
-            server.close()
+        for s in (server, view):
+            if s is not None:
+                s.close()
     for st in summary.get("stations", {"": summary}).values():
         log.info(
             "done%s: %d frames, %d rejects, %d drops, %d errors, %.1f fps",
@@ -90,6 +101,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.summary_json:
         atomic_write(args.summary_json, json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+def _operator_view(cfgs: list[Any], args: argparse.Namespace) -> Any:
+    """The process's operator view (edge/ui), bound, or None: from the first config's `ui:`
+    section, `--ui-port`/`--ui-host` overriding it; the token from that config's
+    credentials_file."""
+    ui = copy.deepcopy(cfgs[0].ui)
+    if args.ui_port is not None:
+        ui.port = args.ui_port
+    if args.ui_host is not None:
+        ui.host = args.ui_host
+    if ui.port is None:
+        return None
+    for cfg in cfgs[1:]:
+        if cfg.ui.port is not None and (cfg.ui.port, cfg.ui.host) != (ui.port, ui.host):
+            log.warning("%s: ui section ignored: one view per process (%s)", cfg.path, cfgs[0].path)
+    from edge.ui.view import OperatorView
+
+    return OperatorView(ui, cfgs[0].ui_token)
 
 
 # -------------------------------------------------------------------------------------- check
@@ -231,6 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST",
         help="address the metrics endpoint listens on (default 127.0.0.1: this machine only; "
         "0.0.0.0 exposes it to the network, unauthenticated)",
+    )
+    r.add_argument(
+        "--ui-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the operator view (live frames, rejects, scores, alarms) at "
+        "http://HOST:PORT/ (overrides ui.port; 0 = any free port)",
+    )
+    r.add_argument(
+        "--ui-host",
+        default=None,
+        metavar="HOST",
+        help="address the view listens on (overrides ui.host, default 127.0.0.1); any other "
+        "address needs ui_token in the credentials_file",
     )
     r.set_defaults(func=cmd_run)
 

@@ -23,7 +23,7 @@ from edge.errors import ConfigError
 # Names that end up in MQTT topics, client ids and file names: no wildcard (#, +), no level
 # separator (/), no whitespace or control characters, nothing a shell or a broker ACL reads twice.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-CREDENTIAL_KEYS = ("mqtt_username", "mqtt_password")
+CREDENTIAL_KEYS = ("mqtt_username", "mqtt_password", "ui_token")
 
 
 # Keys that hold paths, declared once on their fields (metadata "path"): config loading
@@ -223,6 +223,57 @@ class MetricsConfig:
 
 
 @dataclass
+class DriftConfig:
+    """Drift watch on accepted parts' scores (edge/drift.py): Bernoulli CUSUM on exceedances of
+    the calibration's good-score quantile; a retained `drift` alarm on status while it holds."""
+
+    enabled: bool = True  # off by itself when thresholds.yaml has no stats.good (logged)
+    quantile: Literal["p50", "p90", "p99"] = "p90"  # reference line: P(good part above) known
+    shift: float = 3.0  # detect the exceedance rate rising to shift x (1 - quantile)
+    threshold: float = 10.0  # CUSUM decision threshold h (ARL0 ~ 290k parts at p90, shift 3)
+
+    def validate(self) -> None:
+        p0 = {"p50": 0.5, "p90": 0.1, "p99": 0.01}[self.quantile]
+        if not 1.0 < self.shift < 1.0 / p0:
+            raise ValueError(
+                f"shift: must be in (1, {1.0 / p0:g}) for {self.quantile}, got {self.shift}"
+            )
+        if self.threshold <= 0:
+            raise ValueError(f"threshold: must be > 0, got {self.threshold}")
+
+
+@dataclass
+class UiConfig:
+    """The operator view (edge/ui): read-only web page served by the station process.
+
+    Off unless `port` is set here or `edge run --ui-port N` is given. Bound to 127.0.0.1 unless
+    `host` says otherwise; any other address needs `ui_token` in credentials_file (HTTP Basic,
+    any user name, the token as password; or `Authorization: Bearer <token>`)."""
+
+    port: int | None = None
+    host: str = "127.0.0.1"
+    fps: float = 3.0  # live frames per camera per second, at most (JPEG, encoded off the line)
+    max_width: int = 640  # live frames are scaled down to this width
+    jpeg_quality: int = 70
+    gallery: int = 24  # last rejects kept for the gallery (in memory)
+    max_connections: int = 16  # open HTTP connections (each viewer holds one event stream)
+    timeout_s: float = 10.0  # socket timeout: a stalled viewer is dropped
+
+    def validate(self) -> None:
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be 0..65535, got {self.port}")
+        if not 0 < self.fps <= 30:
+            raise ValueError(f"fps: must be in (0, 30], got {self.fps}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality: must be 1..100, got {self.jpeg_quality}")
+        for key in ("max_width", "gallery", "max_connections"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
+
+
+@dataclass
 class RuntimeConfig:
     """Threads and batching. Measured defaults for a 2-core device: see docs/edge.md."""
 
@@ -257,7 +308,9 @@ class StationConfig:
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    # A YAML mapping with optional mqtt_username / mqtt_password, readable by its owner only;
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
+    # A YAML mapping with optional mqtt_username / mqtt_password / ui_token, readable by its owner only;
     # its values override mqtt.username / mqtt.password. Never logged nor published.
     credentials_file: str | None = field(default=None, metadata=SECRET)
     # Liveness: a heartbeat on <base>/status every heartbeat_s; a `stalled` alarm when the
@@ -267,6 +320,7 @@ class StationConfig:
     # Set by load(): where the file was, and a hash of its text (published in status).
     path: str = ""
     sha256: str = ""
+    ui_token: str | None = None  # set by load() from credentials_file; never in the YAML
 
     def validate(self) -> None:
         if self.queue_size < 1:
@@ -314,7 +368,7 @@ def from_mapping(
     """A station config from an in-memory mapping (what `load` does once the YAML is read).
 
     Relative paths resolve against `base`; sha256 defaults to the hash of the mapping."""
-    for reserved in ("path", "sha256"):
+    for reserved in ("path", "sha256", "ui_token"):
         if reserved in data:
             raise ConfigError(f"{source}: unknown key {reserved}")
     cfg = typedconfig.from_dict(StationConfig, data, source=source)
@@ -339,6 +393,7 @@ def from_mapping(
             cfg.mqtt.username = creds["mqtt_username"]
         if "mqtt_password" in creds:
             cfg.mqtt.password = creds["mqtt_password"]
+        cfg.ui_token = creds.get("ui_token")
     return cfg
 
 

@@ -209,12 +209,13 @@ def render_prometheus(snapshots: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _BoundedHTTPServer(ThreadingHTTPServer):
+class BoundedHTTPServer(ThreadingHTTPServer):
     """One thread per connection, at most `max_connections` at a time; the rest are closed at
     once (counted). With the handler's socket timeout, idle or slow clients cannot pile up
     threads or file descriptors next to the pipeline."""
 
     daemon_threads = True
+    label = "metrics http"  # names the server in its log lines
     request_queue_size = 1024  # a burst of connections waits in the kernel, not in SYN retries
 
     def __init__(self, addr: tuple[str, int], handler: type, max_connections: int) -> None:
@@ -227,7 +228,8 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
             self.refused += 1
             if self.refused == 1 or self.refused % 1000 == 0:
                 log.warning(
-                    "metrics http: connection limit reached; %d connection(s) refused so far",
+                    "%s: connection limit reached; %d connection(s) refused so far",
+                    self.label,
                     self.refused,
                 )
             self.shutdown_request(request)
@@ -289,7 +291,7 @@ class MetricsServer:
                 log.debug("metrics http: " + fmt, *args)
 
         try:
-            self._server = _BoundedHTTPServer((host, port), Handler, max_connections)
+            self._server = BoundedHTTPServer((host, port), Handler, max_connections)
         except OSError as exc:
             from edge.errors import ConfigError
 

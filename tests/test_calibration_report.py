@@ -1,39 +1,22 @@
 """report.html: standalone (plots embedded), and it renders in a real browser (headless chromium)."""
 
 import re
-import shutil
 import subprocess
 
 import cv2
 import pytest
 
 from calibration.__main__ import main
+from tests.cdp import FLAGS, chromium_or_skip
 from tests.fakebundle import make_bundle
 from tests.test_calibration import SIZE, write_good, write_mvtec
 
 
-def chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 def screenshot(html_path, png_path, tmp_path, height=3000):
     """Render a local HTML file headlessly to a PNG (1200 px wide)."""
-    exe = chromium()
-    if exe is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
     cmd = [
-        exe,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
+        chromium_or_skip(),
+        *FLAGS,
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
         f"--screenshot={png_path}",
         f"--window-size=1200,{height}",

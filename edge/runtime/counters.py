@@ -23,7 +23,16 @@ from edge.metrics import quantiles
 if TYPE_CHECKING:
     from edge.runtime.station import Station
 
-ERROR_STAGES = ("capture", "preprocess", "infer", "postprocess", "evidence", "publish", "metrics")
+ERROR_STAGES = (
+    "capture",
+    "preprocess",
+    "infer",
+    "postprocess",
+    "evidence",
+    "publish",
+    "metrics",
+    "observer",  # a Station.observers hook (drift watch, operator view) failed
+)
 COUNTS = (
     "captured",  # frames read from the source
     "frames",  # parts decided (published, or let through by on_error: pass)
@@ -168,6 +177,8 @@ def snapshot(st: Station, publisher_stats: bool = True) -> dict[str, Any]:
     }
     if st.evidence is not None:
         out["evidence"] = st.evidence.stats()
+    if st.drift is not None:
+        out["drift"] = st.drift.state()
     if publisher_stats:
         mqtt = _guarded(st, "publisher.stats", st.publisher.stats, None)
         if mqtt is not None:

@@ -26,6 +26,8 @@ import cv2
 import edge
 from edge.backends import load_backend
 from edge.bundle import Bundle
+from edge.drift import from_config as drift_from_config
+from edge.drift import reference_line
 from edge.errors import ConfigError
 from edge.postprocess import PostProcessor, effective_min_area
 from edge.postprocess import from_bundle as postprocessor_from_bundle
@@ -282,9 +284,10 @@ def _evidence(sp: StationPlan, report: Report) -> Any:
 
 def _station(sp: StationPlan, source: Any, pub: Any, writer: Any, max_frames: int | None):
     cfg = sp.cfg
+    drift = drift_from_config(cfg.drift, sp.thresholds, pub, sp.label)
     watcher = ThresholdsWatcher(
         sp.bundle,
-        _threshold_applier(sp.post, cfg, sp.bundle),
+        _threshold_applier(sp.post, cfg, sp.bundle, drift),
         sp.thresholds,
         watch=cfg.thresholds.watch,
         check_interval_s=cfg.thresholds.check_interval_s,
@@ -307,7 +310,7 @@ def _station(sp: StationPlan, source: Any, pub: Any, writer: Any, max_frames: in
         heartbeat_s=cfg.heartbeat_s,
         stall_s=cfg.stall_s,
     )
-    return Station(
+    st = Station(
         source=source,
         postprocessor=sp.post,
         publisher=pub,
@@ -315,14 +318,24 @@ def _station(sp: StationPlan, source: Any, pub: Any, writer: Any, max_frames: in
         watcher=watcher,
         settings=settings,
     )
+    if drift is not None:
+        st.drift = drift
+        st.observers.append(drift.on_part)
+    return st
 
 
-def _threshold_applier(post: PostProcessor, cfg: Any, bundle: Bundle) -> Callable[[Any], None]:
+def _threshold_applier(
+    post: PostProcessor, cfg: Any, bundle: Bundle, drift: Any = None
+) -> Callable[[Any], None]:
     def apply(th: Any) -> None:
         warn_thresholds_precision(th, bundle, cfg.precision)
         post.set_thresholds(
             th.image_threshold, th.pixel_threshold, effective_min_area(th, cfg.postprocess)
         )
+        if drift is not None:  # new calibration, new reference: the watch starts over
+            line = reference_line(th.stats, cfg.drift.quantile)
+            if line is not None:
+                drift.rebase(line)
 
     return apply
 

@@ -151,6 +151,11 @@ class Station:
         self.counters = Counters(s.window)
         self.liveness = Liveness(self, s.heartbeat_s, s.stall_s)
         self.threads: dict[str, threading.Thread] = {}
+        # After each part is published: (frame, (H*W,) map or None, Decision, event) -> None.
+        # The drift watch and the operator view's tap; each must be cheap and never block
+        # (edge/drift.py, edge/ui/feed.py). A failing one is counted, the line goes on.
+        self.observers: list[Callable[[Frame, Any, Decision, dict], None]] = []
+        self.drift: Any = None  # edge.drift.DriftWatch when the station watches for drift
 
     @property
     def label(self) -> str:
@@ -336,6 +341,11 @@ class Station:
         lat.add("publish", t_pub - t_dec)
         lat.add("decision", t_dec - frame.t_mono)
         lat.add("total", t_pub - frame.t_mono)
+        for observe in self.observers:
+            try:
+                observe(frame, item.amap, decision, event)
+            except Exception as exc:
+                self.count_error("observer", exc, f"frame {frame.seq}")
 
     def _send(self, publish: Callable[..., Any], event: dict, frame: Frame) -> None:
         try:
