@@ -178,7 +178,7 @@ class Browser:
                 f"(() => {{ const b = document.querySelector({json.dumps(clip_selector)})"
                 ".getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; })()"
             )
-            params["clip"] = dict(zip(("x", "y", "width", "height"), r, strict=True), scale=1)
+            params["clip"] = {"x": r[0], "y": r[1], "width": r[2], "height": r[3], "scale": 1}
         else:
             params["captureBeyondViewport"] = True
         png = base64.b64decode(self.call("Page.captureScreenshot", **params)["data"])
