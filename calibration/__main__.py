@@ -16,9 +16,21 @@ PRECISIONS = ["fp32", "fp16", "int8"]
 def _fit(args: argparse.Namespace) -> int:
     from calibration.fit import fit_thresholds
 
+    section, old, rows = None, None, []
+    if args.from_station:
+        from calibration import recalibrate
+        from edge.bundle import Bundle
+
+        recalibrate.check_sample(args.from_station)
+        old = Bundle(args.bundle).thresholds(required=False)  # what the line runs now
+
+        def section(result):
+            rows[:] = recalibrate.before_after(result, old)
+            return recalibrate.as_html(rows, args.from_station)
+
     res = fit_thresholds(
         args.bundle,
-        good=args.good,
+        good=args.good or args.from_station,
         data=args.data,
         defects=args.defects,
         masks=args.masks,
@@ -32,6 +44,7 @@ def _fit(args: argparse.Namespace) -> int:
         station=args.station,
         report=not args.no_report,
         progress=not args.quiet,
+        report_section=section,
     )
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -46,6 +59,10 @@ def _fit(args: argparse.Namespace) -> int:
     if fs["defects"]:
         line += f", {fs['escapes']}/{fs['defects']} defects escaped"
     print(line)
+    if args.from_station:
+        from calibration import recalibrate
+
+        print(recalibrate.as_text(rows or recalibrate.before_after(res, old)))
     if res.report_path is not None:
         print(f"report: {res.report_path}")
     return 0
@@ -89,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         "--good", help="folder of good images held out from training (e.g. accepted line frames)"
     )
     src.add_argument("--data", help="MVTec-layout category dir (uses test/ and ground_truth/)")
+    src.add_argument(
+        "--from-station",
+        metavar="DIR",
+        help="a station's recalibration sample (recalibration.dir, with recalibration.json): "
+        "refit on it and show the thresholds and rates before and after (also in report.html)",
+    )
     p.add_argument("--defects", help="folder of defective images")
     p.add_argument("--masks", help="folder of <name>_mask.png for --defects")
     p.add_argument("--strategy", choices=["frr", "f1", "escape"], default="frr")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -308,9 +309,11 @@ def fit_thresholds(
     write: bool = True,
     report: bool = True,
     progress: bool = True,
+    report_section: Callable[[FitResult], str] | None = None,
 ) -> FitResult:
     """Score the images with the bundle, fit the thresholds and (if write) save thresholds.yaml
-    (previous one kept as thresholds.yaml.bak) and, if report, report.html beside it.
+    (previous one kept as thresholds.yaml.bak) and, if report, report.html beside it, with
+    `report_section(result)` (HTML) at its top when given.
 
     Raises:
         BundleError: missing or tampered bundle file. DataError: empty/unreadable input.
@@ -352,6 +355,8 @@ def fit_thresholds(
             from calibration.report import fit_report
 
             html = fit_report(bundle, result)  # rendered before anything is written
+            if report_section is not None:
+                html = html.replace("</div>", "</div>" + report_section(result), 1)
         result.path = write_thresholds(bundle, result.thresholds)
         if html is not None:
             result.report_path = write_with_backup(bundle.root / REPORT, html)
