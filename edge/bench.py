@@ -64,6 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(0.5; 0 = skip)",
     )
     p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="RSS soak run")
+    p.add_argument(
+        "--viewers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="throughput phase with the operator view on and N viewers connected (edge/ui)",
+    )
     p.set_defaults(func=run)
 
 
@@ -176,12 +183,21 @@ def bench_backend(backend: Any, frames: np.ndarray) -> dict[str, Any]:
     }
 
 
-def bench_pipeline(cfg: Any, frames: int, listener: Any = None) -> dict[str, Any]:
-    """The full pipeline on `frames` frames of cfg's source; e2e latencies if a listener."""
+def bench_pipeline(cfg: Any, frames: int, listener: Any = None, viewers: int = 0) -> dict[str, Any]:
+    """The full pipeline on `frames` frames of cfg's source; e2e latencies if a listener;
+    with `viewers`, the operator view on and that many viewers connected throughout."""
     pipe = _open(cfg, max_frames=frames)
+    load = None
+    if viewers:
+        from edge.ui.viewload import ViewLoad
+
+        load = ViewLoad(pipe.stations, viewers)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    summary = pipe.run()
+    try:
+        summary = pipe.run()
+    finally:
+        view_stats = load.close() if load is not None else None
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     out: dict[str, Any] = {
@@ -199,6 +215,8 @@ def bench_pipeline(cfg: Any, frames: int, listener: Any = None) -> dict[str, Any
             k: summary["publisher"].get(k) for k in ("published", "acked", "spooled", "refused")
         },
     }
+    if view_stats is not None:
+        out["view"] = view_stats
     if listener is not None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -285,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
             "opencv_threads": args.opencv_threads,
             "queue_size": args.queue_size,
             "mode": "triggered",
+            "viewers": args.viewers,
         },
         "machine": {
             "cpus": os.cpu_count(),
@@ -322,14 +341,15 @@ def run(args: argparse.Namespace) -> int:
                 # A subscriber, as on a line (the gate): a reject nobody subscribes to is not
                 # delivered, stays spooled, and would turn up in the next phase.
                 with Listener(host, port, cfg.topic_base, keep_events=False):
-                    pipe = bench_pipeline(cfg, args.frames)
+                    pipe = bench_pipeline(cfg, args.frames, viewers=args.viewers)
                 ratio = pipe["images_per_s"] / bare["images_per_s"]
                 rounds.append({"backend": bare, "pipeline": pipe, "ratio": round(ratio, 4)})
                 print(
                     f"round {r + 1}: backend {bare['images_per_s']:.2f} img/s "
                     f"({bare['cpu_ms_per_image']:.1f} CPU ms/img), pipeline "
                     f"{pipe['images_per_s']:.2f} img/s ({pipe['cpu_ms_per_image']:.1f} CPU ms/img), "
-                    f"ratio {ratio:.3f}, postprocess p99 {pipe['stages_p99_ms']['postprocess']} ms",
+                    f"ratio {ratio:.3f}, postprocess p99 {pipe['stages_p99_ms']['postprocess']} ms"
+                    + (f", view {pipe['view']}" if "view" in pipe else ""),
                     flush=True,
                 )
             result["rounds"] = rounds
