@@ -262,3 +262,21 @@ def test_token_401_read_only_and_hostile_paths(tmp_path, mosquitto):
             assert status == 404 and b"not for viewers" not in body, path
     finally:
         stop(proc)
+
+
+@pytest.mark.broker
+def test_bench_with_viewers_reports_what_they_saw(tmp_path, mosquitto):
+    frames = write_line(tmp_path / "frames", [("good", 9), ("defect", 1)])
+    bundle = make_bundle(tmp_path / "bundle", (64, 64))
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--bundle", str(bundle), "--source", str(frames), "--frames", "60"]
+    argv += ["--rounds", "1", "--latency-load", "0", "--viewers", "2", "--json", str(out)]
+    argv += ["--broker", f"127.0.0.1:{mosquitto.port}"]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    view = r["rounds"][0]["pipeline"]["view"]
+    assert r["settings"]["viewers"] == 2 and view["viewers"] == 2
+    # rejects reached the viewers (the last ones may still be on their way at the end of the
+    # run); live frames were encoded (at most fps per second) and fetched
+    assert 2 <= view["rejects"] <= 2 * r["rounds"][0]["pipeline"]["rejects"]
+    assert view["encoded"] >= 1 and view["frames"] >= 2 and view["missed"] == 0
