@@ -42,6 +42,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   fi
   echo "== installing lineinspect[train,dev]"
   $PIP install -q -e ".[train,dev]" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import edge, train, engines, calibration, onnxruntime, paho.mqtt, efficientnet_lite_pytorch"
+  "$VENV/bin/python" -c "import edge, train, engines, calibration, onnxruntime, paho.mqtt, efficientnet_lite_pytorch, websocket"
   echo "$want" > "$stamp"
 fi
