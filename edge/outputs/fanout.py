@@ -13,6 +13,7 @@ stats(); its alarms are the publisher's (retained status `alarm`).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ from edge.outputs.mqtt import MqttOutput
 
 if TYPE_CHECKING:
     from edge.ports import Output, Publisher
+
+log = logging.getLogger("edge.outputs")
 
 STATUS_COUNTERS = ("frames", "rejects", "unverified", "uptime_s", "last_decided", "stalled")
 
@@ -60,11 +63,15 @@ class Outputs:
             "alarm": self._alarm_text(),
             **{k: info[k] for k in STATUS_COUNTERS if k in info},
         }
-        for out in self.outputs[1:]:
-            out.publish_status(status)
         beat = getattr(self.publisher, "publish_heartbeat", None)
         brief = {k: {"state": h["state"], "queued": h.get("queued")} for k, h in health.items()}
-        return bool(beat({**info, "outputs": brief})) if beat is not None else False
+        sent = bool(beat({**info, "outputs": brief})) if beat is not None else False
+        for out in self.outputs[1:]:
+            try:
+                out.publish_status(status)
+            except Exception as exc:  # its health says it is down; the heartbeat goes on
+                log.error("%s: status not taken: %s", out.name, exc)
+        return sent
 
     def raise_alarm(self, kind: str, text: str) -> None:
         self.publisher.raise_alarm(kind, text)

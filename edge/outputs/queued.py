@@ -299,18 +299,16 @@ class QueuedOutput:
         with self._lock:
             self._state = "down"
             self._last_error = error
-            waiting = len(self._q)
-        self._set_alarm(
-            "down", f"{self.name}: {self.link.where} unreachable ({error}); {waiting} waiting"
-        )
+        # A stable text (the counts are in health()): the retained status changes once.
+        self._set_alarm("down", f"{self.name}: {self.link.where} unreachable ({error})")
 
     def _lost(self, verdict: dict, why: str) -> None:
         with self._lock:
-            n, r = self._counts["lost"], self._counts["rejects_lost"]
+            n = self._counts["lost"]
         self._set_alarm(
             "lost",
-            f"{self.name}: {n} verdict(s) ({r} reject(s)) NOT delivered to {self.link.where} "
-            f"({why}; queue_size {self.queue_size})",
+            f"{self.name}: verdicts NOT delivered to {self.link.where} ({why}, queue_size "
+            f"{self.queue_size}; counted in outputs.{self.name}.lost)",
         )
         if n <= 5 or n % 100 == 0:
             log.error("%s: verdict for part %s dropped: %s", self.name, verdict.get("part_id"), why)
