@@ -97,7 +97,7 @@ class PlcServer:
         self.cert, self.trusted, self.users = cert, trusted, users
         self.acknowledging = True
         self.received: list[dict] = []  # verdicts read at each new Sequence, in order
-        self.t_received: list[float] = []  # epoch time of each
+        self.ns = 2  # the first namespace registered after the standard ones
         self.acks = 0
         self._lt: LoopThread | None = None
         self.server: Any = None
@@ -139,7 +139,7 @@ class PlcServer:
                 )
         else:
             server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
-        self.ns = await server.register_namespace("urn:test:plc")
+        assert await server.register_namespace("urn:test:plc:gate") == self.ns
         gate = await server.get_objects_node().add_object(f"ns={self.ns};s=Gate", "Gate")
         self.vars = {}
         for name in GATE:
@@ -159,8 +159,7 @@ class PlcServer:
             if seq != last:
                 last = seq
                 fields = {n: await self.vars[n].read_value() for n in GATE[:5]}
-                self.received.append({"sequence": seq, **fields})
-                self.t_received.append(time.time())
+                self.received.append({"sequence": seq, **fields, "t": time.time()})
                 if self.acknowledging:
                     await self.vars["Ack"].write_value(ua.Variant(seq, V.UInt32))
                     self.acks += 1

@@ -217,7 +217,7 @@ def test_client_mode_plc_not_acknowledging_alarms_while_mqtt_flows(tmp_path, mos
     assert alarms, [p.get("alarm") for _, p in statuses]
     assert "sequence 1 " in alarms[0][1] and plc.node("Ack") in alarms[0][1]
     # Within the configured timeout of the first write (plus a loaded machine's slack).
-    first_write = plc.t_received[0]
+    first_write = plc.received[0]["t"]
     assert alarms[0][0] - first_write < ack_timeout + 3.0
     assert [r["PartId"] for r in plc.received][:1] == ["frame_000"]
 
