@@ -106,8 +106,8 @@ def plc_down_at_start(rig: Rig, out: Outcome) -> None:
         plc.stop()
     out.alarm(_alarm_seen(rig._gates[0], "opcua"), "status: 'opcua: ... unreachable'", "no alarm")
     _plc_tally(rig, out, [plc], s)
-    # Backlog: the verdicts queued while the PLC was down, written in its first second up.
-    backlog = {r["PartId"] for r in plc.received if r["t"] - t_up < 1.0}
+    # Backlog: the verdicts of parts captured while the PLC was down (queued).
+    backlog = {r["PartId"] for r in plc.received if r["CaptureTime"] < t_up}
     out.backlog = len(backlog)
     out.drain_s = _arrived([plc], backlog, t_up)
     out.notes.append(
@@ -141,7 +141,7 @@ def plc_restarted(rig: Rig, out: Outcome) -> None:
             p.stop()
     out.alarm(_alarm_seen(gate, "opcua: opc.tcp"), "status: 'opcua: ... unreachable'", "no alarm")
     _plc_tally(rig, out, plcs, s)
-    backlog = {r["PartId"] for r in plc2.received if r["t"] - t_up < 1.0}
+    backlog = {r["PartId"] for r in plc2.received if r["CaptureTime"] < t_up}
     out.backlog = len(backlog)
     out.drain_s = _arrived([plc2], backlog, t_up)
     h = s.get("publisher", {}).get("outputs", {}).get("opcua", {})

@@ -65,7 +65,13 @@ class ClientLink:
         try:
             await asyncio.wait_for(client.connect(), cfg.timeout_s)
         except asyncio.TimeoutError:
-            raise OutputError(f"no answer within {cfg.timeout_s:g}s") from None
+            hint = (
+                " (Sign & Encrypt: a server whose certificate is not opcua.peer_certificate "
+                "cannot answer)"
+                if cfg.security == "sign_encrypt"
+                else ""
+            )
+            raise OutputError(f"no answer within {cfg.timeout_s:g}s{hint}") from None
         except ua.UaStatusCodeError as exc:
             raise OutputError(f"refused: {_status(exc)}") from exc
         await self._resolve_nodes(client)

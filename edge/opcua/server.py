@@ -94,8 +94,13 @@ class ServerLink:
                 )
         else:
             server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
-        tokens = [ua.UserNameIdentityToken] if cfg.username else []
-        server.set_identity_tokens(tokens + ([ua.AnonymousIdentityToken] if cfg.anonymous else []))
+        if hasattr(server, "set_identity_tokens"):  # asyncua >= 1.1.6 (2.x)
+            tokens = [ua.UserNameIdentityToken] if cfg.username else []
+            tokens += [ua.AnonymousIdentityToken] if cfg.anonymous else []
+            server.set_identity_tokens(tokens)
+        else:  # the 1.1 series on Python 3.8
+            ids = ["Username"] if cfg.username else []
+            server.set_security_IDs(ids + (["Anonymous"] if cfg.anonymous else []))
         self.server = server
         self.ns = await server.register_namespace(cfg.namespace)
         await self._build_model(server)
