@@ -103,15 +103,15 @@ def _ignore_caches(_dir: str, names: list[str]) -> set[str]:
     return {n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo"))}
 
 
-def read_requirements(pyproject: Path) -> tuple[list[str], list[str]]:
-    """(base dependencies, `jetson` extra) from pyproject.toml."""
+def read_requirements(pyproject: Path, extra: str = "jetson") -> tuple[list[str], list[str]]:
+    """(base dependencies, the `extra`'s) from pyproject.toml."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
     project = tomllib.loads(pyproject.read_text())["project"]
     return list(project["dependencies"]), list(
-        project.get("optional-dependencies", {}).get("jetson", [])
+        project.get("optional-dependencies", {}).get(extra, [])
     )
 
 
@@ -245,7 +245,7 @@ def stage(
         elif kind in ("source", "input") and value:
             station_config.set_key(raw, key, st.ship(str(value), key))
             shipped = station_config.get_key(raw, key)
-            if key == "mqtt.tls.keyfile" and shipped.startswith("files/"):
+            if key in ("mqtt.tls.keyfile", "opcua.private_key") and shipped.startswith("files/"):
                 # A private key: its owner only (deploy gives the service user's group read).
                 for p in [out / shipped, *(out / shipped).rglob("*")]:
                     if p.is_file():
@@ -267,6 +267,8 @@ def stage(
     # it after a reboot: it inspects and spools until the broker takes it. An explicit setting in
     # the config wins. (The deploy's own health check still needs the broker.)
     mqtt.setdefault("require_broker_at_start", False)
+    if isinstance(raw.get("opcua"), dict):  # the same for a PLC that is down after a reboot
+        raw["opcua"].setdefault("require_at_start", False)
 
     header = (
         f"# Written by deploy.sh from {config.name}; edit the original and deploy again.\n"
@@ -286,6 +288,8 @@ def stage(
             )
     (out / "WRITABLE").write_text("".join(f"{p}\n" for p in writable))
     base, jetson = read_requirements(repo / "pyproject.toml")
+    if raw.get("opcua") is not None:  # the `opcua` extra, only where a station uses it
+        base += read_requirements(repo / "pyproject.toml", "opcua")[1]
     (out / "requirements.txt").write_text("\n".join(base) + "\n")
     (out / "requirements-jetson.txt").write_text("\n".join(jetson) + "\n")
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge import __version__, config
+from edge import __version__, config, outputs
 from edge.atomic import atomic_write
 from edge.errors import SourceError, run_cli
 from edge.redact import redact_uri
@@ -142,10 +142,23 @@ def _check_publisher(cfg: Any, _status: dict[str, Any], spool_dir: Path) -> Any:
     pub = Publisher(mq, f"{cfg.topic_base}/check", status, retain_status=False)
     try:
         pub.start()
+        return outputs.wrap(pub, _check_outputs(cfg), required=True)
     except BaseException:
         pub.close(timeout_s=2)
         raise
-    return pub
+
+
+def _check_outputs(cfg: Any) -> Any:
+    """The config `check` opens outputs with: each must be reached now. A server-mode OPC UA
+    output listens on a free port of its host instead (a running station holds its own)."""
+    if cfg.opcua is None or cfg.opcua.mode != "server":
+        return cfg
+    from edge.opcua.config import free_endpoint
+
+    cfg = copy.copy(cfg)
+    cfg.opcua = copy.copy(cfg.opcua)
+    cfg.opcua.endpoint = free_endpoint(cfg.opcua.endpoint)
+    return cfg
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -71,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="throughput phase with the operator view on and N viewers connected (edge/ui)",
     )
+    p.add_argument(
+        "--opcua",
+        action="store_true",
+        help="also serve every verdict over OPC UA (server mode, loopback, no security; needs "
+        "the `opcua` extra) and report decision -> OPC UA write",
+    )
     p.set_defaults(func=run)
 
 
@@ -120,6 +126,7 @@ def _station_cfg(
         },
         "metrics": {"interval_s": 5.0},
         "thresholds": {"watch": False},
+        **_opcua_section(args),
         "runtime": {
             "inference_threads": args.threads,
             "spin": bool(args.spin),
@@ -127,6 +134,15 @@ def _station_cfg(
         },
     }
     return config_mod.from_mapping(data, base=Path.cwd(), source="<edge bench>")
+
+
+def _opcua_section(args: argparse.Namespace) -> dict[str, Any]:
+    if not getattr(args, "opcua", False):
+        return {}
+    from edge.opcua.config import free_endpoint
+
+    url = free_endpoint("opc.tcp://127.0.0.1:0/lineinspect")
+    return {"opcua": {"mode": "server", "endpoint": url, "security": "none", "anonymous": True}}
 
 
 def _open(cfg: Any, max_frames: int | None = None) -> Any:
@@ -211,6 +227,8 @@ def bench_pipeline(cfg: Any, frames: int, listener: Any = None, viewers: int = 0
         "wall_s": round(wall, 3),
         "stages_ms": summary["latency_ms"],
         "stages_p99_ms": {k: v["p99"] for k, v in summary["latency_ms"].items()},
+        # decision -> written into the OPC UA server's address space (--opcua)
+        "opcua_written_ms": summary["latency_ms"].get("opcua_written"),
         "publisher": {
             k: summary["publisher"].get(k) for k in ("published", "acked", "spooled", "refused")
         },
@@ -370,6 +388,7 @@ def run(args: argparse.Namespace) -> int:
                 "cpu_ms_per_image": med("backend", "cpu_ms_per_image"),
             }
             result["pipeline"] = {
+                "opcua": bool(args.opcua),
                 "images_per_s": round(pipe_ips, 3),
                 "ratio": round(ratio, 4),
                 "postprocess_p99_ms": post_p99,
@@ -417,6 +436,11 @@ def _print_summary(r: dict[str, Any]) -> None:
         f"ratio {p['ratio']:.3f} (median of rounds)  "
         f"postprocess p99 {p['postprocess_p99_ms']:.3f} ms"
     )
+    opc = [x["pipeline"]["opcua_written_ms"] for x in r["rounds"]]
+    if opc and opc[-1]:
+        print(
+            f"decision -> OPC UA write (last round): p50 {opc[-1]['p50']} ms, p99 {opc[-1]['p99']} ms"
+        )
     if "latency" in r:
         lat = r["latency"]
         e = lat["e2e_ms"]

@@ -19,11 +19,12 @@ from typing import Any, Literal
 
 from edge import typedconfig
 from edge.errors import ConfigError
+from edge.opcua.config import OpcUaConfig
 
 # Names that end up in MQTT topics, client ids and file names: no wildcard (#, +), no level
 # separator (/), no whitespace or control characters, nothing a shell or a broker ACL reads twice.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-CREDENTIAL_KEYS = ("mqtt_username", "mqtt_password", "ui_token")
+CREDENTIAL_KEYS = ("mqtt_username", "mqtt_password", "ui_token", "opcua_username", "opcua_password")
 
 
 # Keys that hold paths, declared once on their fields (metadata "path"): config loading
@@ -310,8 +311,11 @@ class StationConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     ui: UiConfig = field(default_factory=UiConfig)
-    # A YAML mapping with optional mqtt_username / mqtt_password / ui_token, readable by its owner only;
-    # its values override mqtt.username / mqtt.password. Never logged nor published.
+    opcua: OpcUaConfig | None = None  # verdicts over OPC UA beside MQTT (edge/opcua/)
+    # A YAML mapping with optional mqtt_username / mqtt_password / ui_token, readable by its
+    # owner only; its values override mqtt.username / mqtt.password (ui_token: the operator
+    # view's token; opcua_username / opcua_password: the OPC UA login, given nowhere else).
+    # Never logged nor published.
     credentials_file: str | None = field(default=None, metadata=SECRET)
     # Liveness: a heartbeat on <base>/status every heartbeat_s; a `stalled` alarm when the
     # source delivers frames but none is decided for stall_s.
@@ -371,6 +375,11 @@ def from_mapping(
     for reserved in ("path", "sha256", "ui_token"):
         if reserved in data:
             raise ConfigError(f"{source}: unknown key {reserved}")
+    for secret in ("username", "password"):
+        if secret in (data.get("opcua") or {}):
+            raise ConfigError(
+                f"{source}: opcua.{secret}: give it as opcua_{secret} in credentials_file"
+            )
     cfg = typedconfig.from_dict(StationConfig, data, source=source)
     base = Path(base).resolve()
     cfg.path = path or source
@@ -394,7 +403,22 @@ def from_mapping(
         if "mqtt_password" in creds:
             cfg.mqtt.password = creds["mqtt_password"]
         cfg.ui_token = creds.get("ui_token")
+    if cfg.opcua is not None:
+        _opcua_login(cfg, creds if cfg.credentials_file is not None else {}, source)
     return cfg
+
+
+def _opcua_login(cfg: StationConfig, creds: dict[str, str], source: str) -> None:
+    """OPC UA user and password from the credentials file; anonymous only when configured."""
+    cfg.opcua.username = creds.get("opcua_username")
+    cfg.opcua.password = creds.get("opcua_password")
+    if (cfg.opcua.username is None) != (cfg.opcua.password is None):
+        raise ConfigError(f"{source}: credentials_file: give opcua_username and opcua_password")
+    if cfg.opcua.username is None and not cfg.opcua.anonymous:
+        raise ConfigError(
+            f"{source}: opcua: no login: put opcua_username/opcua_password in credentials_file, "
+            "or say opcua.anonymous: true"
+        )
 
 
 def path_keys(cls: type | None = None) -> dict[str, str]:

@@ -31,6 +31,10 @@ class BrokerError(LineInspectError):
     """The MQTT broker cannot be reached or refused us."""
 
 
+class OutputError(LineInspectError):
+    """An output other than MQTT (OPC UA) is misconfigured, unreachable or refused us."""
+
+
 class DataError(LineInspectError):
     """An image set is empty, unreadable or not in the expected layout."""
 

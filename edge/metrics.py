@@ -197,6 +197,14 @@ def render_prometheus(snapshots: list[dict[str, Any]]) -> str:
         f = fam("lineinspect_threshold", "gauge", "Thresholds in force.")
         for key in ("image_threshold", "pixel_threshold", "min_region_area"):
             f.add(s["thresholds"].get(key), **ids, kind=key)
+        outputs = (s.get("mqtt") or {}).get("outputs") or {}  # edge.outputs.Outputs.stats()
+        f = fam("lineinspect_output_up", "gauge", "1 while an output reaches its peer.")
+        for name, h in outputs.items():
+            f.add(h.get("state") == "up", **ids, output=name)
+        f = fam("lineinspect_output_lost_total", "counter", "Verdicts an output did not deliver.")
+        for name, h in outputs.items():
+            if "lost" in h:
+                f.add(h["lost"], **ids, output=name)
         ev = s.get("evidence") or {}
         f = fam("lineinspect_evidence_total", "counter", "Evidence/recalibration files by outcome.")
         for key in ("evidence_written", "recalibration_written", "dropped", "errors"):

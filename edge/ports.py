@@ -5,9 +5,12 @@
     Publisher     where decisions go (edge.mqtt.Publisher)      rejects (durable), results,
                                                                 metrics, flush, stats
     EvidenceSink  what is kept of each part (edge.evidence)     offer (cheap), start, close
+    Output        a receiver of every verdict (edge.outputs:    deliver (in order, never
+                  MQTT, OPC UA)                                 blocking), status, health,
+                                                                flush, close
 
 Implementations are checked against these by shared contract tests (tests/test_backends.py,
-tests/test_sources.py, tests/test_ports.py); the runtime (edge.runtime) types its collaborators
+tests/test_sources.py, tests/test_ports.py, tests/test_outputs.py); the runtime (edge.runtime) types its collaborators
 with them. Optional members, read with getattr by the runtime, are named in each docstring.
 """
 
@@ -18,7 +21,7 @@ from typing import Any, Protocol
 from edge.backends.base import Backend
 from edge.sources import Source
 
-__all__ = ["Backend", "EvidenceSink", "Publisher", "Source"]
+__all__ = ["Backend", "EvidenceSink", "Output", "Publisher", "Source"]
 
 
 class Publisher(Protocol):
@@ -55,3 +58,27 @@ class EvidenceSink(Protocol):
     def close(self, timeout_s: float = 10.0) -> None: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+
+class Output(Protocol):
+    """One destination of the station's verdicts (edge.outputs.Outputs fans every decided part
+    out to all of them, in decision order). `deliver` takes a result event (the reject event
+    plus "decision": "reject" | "pass") and must not block the decision path: a remote peer is
+    served from the output's own bounded queue. It raises only when the verdict was refused
+    (counted and alarmed by the output itself). `publish_status` carries the station's status
+    (state, heartbeat, counters, alarm text), best effort. `health()` is what `status`,
+    metrics and `edge check` show: at least {"output", "state", "alarm"}.
+
+    Optional: `latency` (edge.metrics.LatencyWindows, decision -> delivered)."""
+
+    name: str
+
+    def deliver(self, verdict: dict, t_capture: float | None = None) -> None: ...
+
+    def publish_status(self, status: dict, /) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    def flush(self, timeout_s: float) -> bool: ...
+
+    def close(self) -> None: ...

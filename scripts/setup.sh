@@ -40,8 +40,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     $PIP install -q torch==2.13.0 numpy 2>&1 | grep -v "^WARNING: Location" || true
     "$VENV/bin/python" -c "import torch" # fail loudly if that did not work
   fi
-  echo "== installing lineinspect[train,dev]"
-  $PIP install -q -e ".[train,dev]" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import edge, train, engines, calibration, onnxruntime, paho.mqtt, efficientnet_lite_pytorch, websocket"
+  echo "== installing lineinspect[train,dev,opcua]"
+  $PIP install -q -e ".[train,dev,opcua]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import edge, train, engines, calibration, onnxruntime, paho.mqtt, efficientnet_lite_pytorch, websocket, asyncua"
   echo "$want" > "$stamp"
 fi

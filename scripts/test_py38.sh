@@ -21,17 +21,18 @@ EDGE_TESTS=(
   tests/test_pipeline.py tests/test_pipeline_e2e.py tests/test_mqtt.py tests/test_spool.py
   tests/test_sources.py tests/test_config.py tests/test_faults.py tests/test_postprocess.py
   tests/test_reload.py tests/test_edge_metrics.py tests/test_evidence.py tests/test_backends.py
-  tests/test_ports.py tests/test_drift.py tests/test_operator_view.py
+  tests/test_ports.py tests/test_drift.py tests/test_operator_view.py tests/test_outputs.py
+  tests/test_opcua.py
 )
 VENV=${VENV38:-.venv38}
 [ -x "$VENV/bin/python" ] || "$PY38" -m venv "$VENV"
 stamp="$VENV/.lineinspect-installed"
 want="$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "== python 3.8: pip install . (edge dependencies) + pytest jsonschema onnx"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check . pytest jsonschema websocket-client "onnx<1.18" \
+  echo "== python 3.8: pip install .[opcua] (edge dependencies) + pytest jsonschema websocket-client onnx"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check ".[opcua]" pytest jsonschema websocket-client "onnx<1.18" \
     2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import edge, cv2, numpy, onnxruntime, paho.mqtt, yaml, onnx, pytest, websocket"
+  "$VENV/bin/python" -c "import edge, cv2, numpy, onnxruntime, paho.mqtt, yaml, onnx, pytest, websocket, asyncua"
   echo "$want" >"$stamp"
 fi
 echo "== python 3.8: $("$VENV/bin/python" -V) edge tests"

@@ -1304,3 +1304,9 @@ def markdown_table(outcomes: list[Outcome]) -> str:
             f"| {o.backlog} | {drain} | {o.alarmed or 'NO'} | {notes.replace('|', '/')} |"
         )
     return "\n".join([head, *rows])
+
+
+# The OPC UA output's scenarios (client mode, a real asyncua server as the PLC).
+from tests.faults_opcua import SCENARIOS as _OPCUA_SCENARIOS  # noqa: E402
+
+SCENARIOS.update(_OPCUA_SCENARIOS)

@@ -359,3 +359,30 @@ def test_stage_errors_redact_uri_credentials(tmp_path):
     config = station_folder(tmp_path, source={"uri": RTSP + "\n"})
     err = one_error_line(run_stage(config, make_bundle(tmp_path / "bundle"), tmp_path / "out"))
     assert "source.uri" in err and RTSP_PASSWORD not in err
+
+
+def test_opcua_key_ships_private_with_the_extra_and_a_lenient_start(tmp_path):
+    """An OPC UA station: its private key ships owner-only, the release's requirements add the
+    `opcua` extra, and a PLC that is down after a reboot does not stop the station."""
+    config = station_folder(
+        tmp_path,
+        opcua={
+            "mode": "server",
+            "endpoint": "opc.tcp://0.0.0.0:4840/lineinspect",
+            "certificate": "certs/station.der",
+            "private_key": "certs/station.pem",
+            "anonymous": True,
+        },
+    )
+    certs = config.parent / "certs"
+    certs.mkdir()
+    (certs / "station.der").write_bytes(b"cert")
+    (certs / "station.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    out = tmp_path / "stage" / "release"
+    r = run_stage(config, make_bundle(tmp_path / "bundle"), out)
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load((out / "station.yaml").read_text())
+    assert cfg["opcua"]["require_at_start"] is False
+    key = out / cfg["opcua"]["private_key"]
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert "asyncua" in (out / "requirements.txt").read_text()

@@ -217,6 +217,9 @@ def open_pipeline(
                 pub = factory(cfg, status)
                 undo.callback(pub.close)  # releases the spool if start() failed half-way
                 report("broker", f"{cfg.mqtt.host}:{cfg.mqtt.port} reachable")
+                for out in getattr(pub, "outputs", [])[1:]:  # edge.outputs.Outputs
+                    h = out.health()
+                    report(out.name, getattr(out, "found", "") or f"{h['state']}: {h['alarm']}")
             writer = _evidence(sp, report)
             outputs.append((pub, writer))
         stations = []
@@ -241,16 +244,18 @@ def open_pipeline(
 
 def station_publisher(cfg: Any, status: dict[str, Any]) -> Publisher:
     """The station's own publisher, started: BrokerError (one line) if the broker is
-    unreachable, unless the config says to inspect and spool until it comes."""
+    unreachable, unless the config says to inspect and spool until it comes; with further
+    outputs configured (opcua), an edge.outputs.Outputs over it and them."""
+    from edge import outputs
     from edge.mqtt import Publisher
 
     pub = Publisher(cfg.mqtt, cfg.topic_base, status)
     try:
         pub.start(required=cfg.mqtt.require_broker_at_start)
+        return outputs.wrap(pub, cfg)  # + OPC UA etc. when configured (edge/outputs/)
     except BaseException:
         pub.close()
         raise
-    return pub
 
 
 def _evidence(sp: StationPlan, report: Report) -> Any:

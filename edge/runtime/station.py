@@ -321,10 +321,14 @@ class Station:
         # The result first: a reject's spool sync (inside publish_reject) must not hold back the
         # result stream; the reject itself is on the wire before that sync. Separate attempts,
         # so a failed result can never cost the reject.
-        if self.publish_results:
+        outputs = getattr(self.publisher, "deliver", None)  # edge.outputs.Outputs (OPC UA, ...)
+        if outputs is not None:  # every part to every output, in order (MQTT as below)
+            verdict = {**event, "decision": "reject" if decision.reject else "pass"}
+            self._send(outputs, verdict, frame)
+        elif self.publish_results:
             result = {**event, "decision": "reject" if decision.reject else "pass"}
             self._send(self.publisher.publish_result, result, frame)
-        if decision.reject:
+        if decision.reject and outputs is None:
             self._send(self.publisher.publish_reject, event, frame)
         t_pub = time.monotonic()
 
