@@ -6,8 +6,8 @@ here, so a message id is recorded before its PUBACK can be handled.
 A PUBACK settles one of:
     OTHER           a status or result message (refused ones are counted)
     ACKED           a reject the broker took: remove it from the spool
-    ACKED_STORING   the same, but the spool writer has not stored it yet: it skips the write,
-                    or removes it right after
+    ACKED_STORING   the same, but the spool writer has not stored it yet: it removes it right
+                    after the write
     NO_SUBSCRIBERS  MQTT 5 reason 16: nobody got it; it stays spooled and is retried soon
     REFUSED         the broker refused it: it stays spooled and is retried
     AMBIGUOUS       a QoS 0 message reused its id (16-bit wrap): not trusted, sent again
@@ -111,10 +111,6 @@ class Ledger:
 
     def storing(self, event_id: str) -> None:
         self._storing.add(event_id)
-
-    def was_acked(self, event_id: str) -> bool:
-        """The broker acknowledged `event_id` while it waited for the spool writer."""
-        return event_id in self._acked_while_storing
 
     def stored(self, event_id: str) -> bool:
         """The spool writer is done with `event_id`: True when its PUBACK came meanwhile."""

@@ -346,24 +346,16 @@ class Publisher(Worker, SpoolWriter, StatusAndAlarms):
             event = {**event, "seq": self._seq, "bd_seq": self.bd_seq or 0}
             payload = encode_event(event)
             held = len(self._ledger) >= self._max_inflight
-            sent = False
+            info = None
             if held:
                 self._counts["held_back"] += 1  # the spool keeps it; the pump sends it later
             elif self._connected and event_id not in self._ledger:
                 self._ledger.storing(event_id)
-                sent = (
-                    self._publish_locked(
-                        topic,
-                        payload,
-                        1,
-                        event_id=event_id,
-                        window="reject_acked",
-                        t_capture=t_capture,
-                    )
-                    is not None
+                info = self._publish_locked(
+                    topic, payload, 1, event_id=event_id, window="reject_acked", t_capture=t_capture
                 )
-            write = Write(topic, payload, event_id, sent, held)
-            self._store(write)
+            write = Write(topic, payload, event_id, info is not None, held)
+            self._store(write, None if info is None else info.mid)
         self._wait_stored(write)
 
     def publish_result(
@@ -453,6 +445,7 @@ class Publisher(Worker, SpoolWriter, StatusAndAlarms):
         if client is None:
             return None
         what = f"reject {event_id} (kept in the spool)" if event_id else f"on {topic}"
+        self._n_published += 1
         try:
             info = client.publish(topic, payload, qos=qos, retain=retain)
         except (ValueError, OSError) as exc:

@@ -9,8 +9,8 @@ spool or at the broker.
 
 Group commit: the writer takes every reject waiting when it wakes and stores them in one
 transaction, one fsync for all (several stations on one publisher, or a burst queued behind a
-slow sync). An event the broker acknowledged before its turn is not written at all; one
-acknowledged while it was being written is removed right after (edge/mqtt/ledger.py).
+slow sync). An event the broker acknowledged before or while it was written is removed right
+after (edge/mqtt/ledger.py).
 
 A failed write is counted (`spool_errors`, `spool_full`, per event) and alarmed here, on the
 writer thread, because the caller may already be gone (its reject acknowledged: delivered, not
@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from typing import Any
 
 from edge.spool import SpoolError
 
@@ -36,7 +37,18 @@ _STOP = None  # queued by _stop_writer: the thread ends after what was queued be
 class Write:
     """One reject waiting for the spool (or for its PUBACK)."""
 
-    __slots__ = ("topic", "payload", "event_id", "sent", "held", "done", "acked", "error")
+    __slots__ = (
+        "topic",
+        "payload",
+        "event_id",
+        "sent",
+        "held",
+        "done",
+        "acked",
+        "error",
+        "mid",
+        "n_at",
+    )
 
     def __init__(self, topic: str, payload: bytes, event_id: str, sent: bool, held: bool) -> None:
         self.topic, self.payload, self.event_id = topic, payload, event_id
@@ -45,6 +57,13 @@ class Write:
         self.done = threading.Event()  # stored, acknowledged, or failed
         self.acked = False  # the broker acknowledged it: no need to wait for the disk
         self.error: BaseException | None = None
+        self.mid: int | None = None  # its MQTT message id, when sent
+        self.n_at = 0  # the publisher's publish count when it was sent
+
+
+# Message ids are 16 bits and shared with QoS 0 messages: after this many publishes since a
+# reject's, its id may be reused, and only the worker's ledger can tell the acks apart.
+_MID_SAFE = 60000
 
 
 class SpoolWriter:
@@ -54,11 +73,16 @@ class SpoolWriter:
         self._writes: dict[str, Write] = {}  # event_id -> its write, until it is settled
         self._write_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        self._by_mid: dict[int, Write] = {}  # sent rejects whose caller a PUBACK may release
+        self._n_published = 0  # every publish (any QoS), counted under the lock
 
-    def _store(self, w: Write) -> None:
+    def _store(self, w: Write, mid: int | None) -> None:
         """Hand w to the writer (self._lock held by the caller) and register it, so that its
-        PUBACK (edge.mqtt.worker) can release the caller before the disk does."""
+        PUBACK can release the caller before the disk does. mid: its message id, when sent."""
         self._writes[w.event_id] = w
+        if mid is not None:
+            w.mid, w.n_at = mid, self._n_published
+            self._by_mid[mid] = w
         if self._writer is None:
             self._writer = threading.Thread(
                 target=self._write_loop, name="lineinspect-spool", daemon=True
@@ -71,6 +95,19 @@ class SpoolWriter:
         w.done.wait()
         if w.error is not None and not w.acked:
             raise w.error
+
+    def _release_on_puback(self, mid: int, reason_code: Any) -> None:
+        """Paho's network thread, on a PUBACK: release the reject's caller at once, one thread
+        hop instead of two (the worker does the bookkeeping after). Only a plain success, and
+        only while its message id cannot have been reused; anything else waits for the worker.
+        No self._lock here (paho holds its own locks): dict reads and pops are atomic."""
+        w = self._by_mid.get(mid)
+        if w is None or self._n_published - w.n_at >= _MID_SAFE:
+            return
+        if reason_code is not None and (reason_code.is_failure or reason_code.value != 0):
+            return  # refused, or "no matching subscribers": not delivered
+        w.acked = True
+        w.done.set()
 
     def _release_acked(self, event_id: str) -> None:
         """The broker acknowledged event_id (self._lock held): its caller need not wait."""
@@ -108,17 +145,11 @@ class SpoolWriter:
             if stop:
                 return
 
-    def _write_batch(self, writes: list[Write]) -> None:
-        """Store the writes not yet acknowledged in one transaction, then settle each."""
-        with self._lock:
-            todo = []
-            for w in writes:
-                if self._ledger.was_acked(w.event_id):  # delivered before its turn: no write
-                    self._ledger.stored(w.event_id)
-                    self._writes.pop(w.event_id, None)
-                    self._counts["acked"] += 1
-                else:
-                    todo.append(w)
+    def _write_batch(self, todo: list[Write]) -> None:
+        """Store the writes in one transaction, then settle each.
+
+        Every reject is written, even one acknowledged already: the write is what tells
+        whether the spool works (a spool_write alarm clears only on a good write)."""
         if not todo:
             return
         error: SpoolError | None = None
@@ -133,6 +164,8 @@ class SpoolWriter:
             early = []  # acknowledged while being written: remove them now
             for w in todo:
                 self._writes.pop(w.event_id, None)
+                if w.mid is not None and self._by_mid.get(w.mid) is w:
+                    del self._by_mid[w.mid]
                 if self._ledger.stored(w.event_id):
                     early.append(w.event_id)
                 if error is not None:
@@ -150,8 +183,11 @@ class SpoolWriter:
             self._alarm_write_failed(error, todo)
         elif len(full) < len(todo):
             self.clear_alarm("spool_write")
-        if early:
-            self._ack_spooled(early)  # also when the write failed: the broker has them
+        if early and error is None:
+            self._ack_spooled(early)
+        elif early:  # the broker has them and the spool never did: nothing to remove
+            with self._lock:
+                self._counts["acked"] += len(early)
         elif error is None and not full:
             with self._lock:
                 self._update_alarm_locked()

@@ -58,7 +58,9 @@ class Worker:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         try:
-            self._events.put(("ack", mid, reason_code, time.monotonic()))
+            t_ack = time.monotonic()
+            self._release_on_puback(mid, reason_code)  # edge/mqtt/spoolwriter.py
+            self._events.put(("ack", mid, reason_code, t_ack))
         except Exception:
             self._callback_failed("on_publish")
 
