@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from edge.errors import BrokerError, LineInspectError
+from edge.errors import BrokerError, InvalidValue, LineInspectError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -64,7 +64,7 @@ class Spool:
 
     def __init__(self, path: str | Path, max_events: int = 100000) -> None:
         if max_events < 1:
-            raise ValueError(f"spool max_events must be >= 1, got {max_events}")
+            raise InvalidValue(f"spool max_events must be >= 1, got {max_events}")
         self.path = Path(path)
         self.max_events = max_events
         self._lock = threading.Lock()
