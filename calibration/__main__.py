@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from edge.errors import LineInspectError
+from edge.atomic import atomic_write
+from edge.errors import run_cli
 
 PRECISIONS = ["fp32", "fp16", "int8"]
 
@@ -82,9 +83,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         html = evaluation_report(Bundle(args.bundle), ev)
     text = json.dumps(ev.summary, indent=2)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        atomic_write(Path(args.json), text + "\n")
     if html is not None:
-        Path(args.report).write_text(html)
+        atomic_write(Path(args.report), html)
     print(text)
     return 0
 
@@ -154,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (LineInspectError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ Nothing is written unless every input was read, scored and the fit succeeded.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,8 +33,9 @@ from calibration.decision import (
 from calibration.scoring import Scored, score_samples
 from calibration.strategies import CONFIDENCE, cp_upper, make_strategy
 from edge import typedconfig
+from edge.atomic import atomic_write
 from edge.bundle import THRESHOLDS, Bundle, Thresholds
-from edge.errors import BundleError, DataError
+from edge.errors import BundleError, DataError, InvalidValue
 
 REPORT = "report.html"
 DEFAULT_PIXEL_RATIO = 0.5
@@ -187,9 +186,9 @@ def _skipped_warning(folder: str | Path) -> list[str]:
 
 def _check_settings(pixel_ratio: float, min_area: int | None) -> None:
     if not 0.0 < pixel_ratio <= 1.0:
-        raise ValueError(f"--pixel-ratio: must be in (0, 1], got {pixel_ratio:g}")
+        raise InvalidValue(f"--pixel-ratio: must be in (0, 1], got {pixel_ratio:g}")
     if min_area is not None and min_area < 1:
-        raise ValueError(f"--min-area: must be >= 1, got {min_area}")
+        raise InvalidValue(f"--min-area: must be >= 1, got {min_area}")
 
 
 def fit_scored(
@@ -453,22 +452,6 @@ def _plain(obj):
     return obj
 
 
-def _replace_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via a temp file + rename: a reader sees the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes 0600; the station may run as another user than the one calibrating.
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_with_backup(path: Path, text: str) -> Path:
     """Atomically replace `path`, first copying the old file to <name>.bak.
 
@@ -477,8 +460,8 @@ def write_with_backup(path: Path, text: str) -> Path:
     mode = 0o644
     if path.is_file():
         mode = path.stat().st_mode & 0o777
-        _replace_bytes(path.with_name(path.name + ".bak"), path.read_bytes(), mode)
-    _replace_bytes(path, text.encode("utf-8"), mode)
+        atomic_write(path.with_name(path.name + ".bak"), path.read_bytes(), mode)
+    atomic_write(path, text, mode)
     return path
 
 

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from calibration.dataset import Sample, read_mask
 from edge.backends import load_backend
 from edge.bundle import Bundle
-from edge.errors import BackendError
+from edge.errors import BackendError, DataError
 from edge.preprocess import read_image, to_input
 
 
@@ -61,7 +61,7 @@ def score_samples(
     the caller writes anything. Non-finite model outputs raise BackendError.
     """
     if not samples:
-        raise ValueError("no images to score")
+        raise DataError("no images to score")
     size = bundle.image_size
     # Masks first: they are cheap, and a bad one should fail before minutes of inference.
     masks = np.stack([read_mask(s.mask, size, crop) for s in samples])

@@ -14,6 +14,8 @@ from typing import Protocol
 import numpy as np
 from scipy.stats import beta
 
+from edge.errors import DataError, InvalidValue
+
 CONFIDENCE = 0.95
 
 
@@ -58,13 +60,13 @@ class FalseRejectRate:
         s = np.sort(np.asarray(good, dtype=np.float64))
         n = s.size
         if n == 0:
-            raise ValueError("frr: no good scores to fit on")
+            raise DataError("frr: no good scores to fit on")
         # With the threshold at s[n-1-k], exactly k good parts (those above it) are rejected.
         k = 0
         while k + 1 < n and cp_upper(k + 1, n) <= self.target_frr:
             k += 1
         if not np.isfinite(s[n - 1 - k]):
-            raise ValueError(
+            raise DataError(
                 f"frr: the region test alone rejects {int(np.isinf(s).sum())} of {n} good parts, "
                 f"more than the {k} the target allows; raise the minimum region area"
             )
@@ -100,12 +102,12 @@ class BestF1:
 
     def fit(self, good: np.ndarray, defect: np.ndarray | None) -> Fit:
         if defect is None or len(defect) == 0:
-            raise ValueError("f1: needs defective images (--defects or --data with test defects)")
+            raise DataError("f1: needs defective images (--defects or --data with test defects)")
         good, defect = np.asarray(good, float), np.asarray(defect, float)
         both = np.concatenate([good, defect])
         cands = np.unique(both[np.isfinite(both)])
         if cands.size == 0:
-            raise ValueError("f1: every part is rejected by the region test alone")
+            raise DataError("f1: every part is rejected by the region test alone")
         tp = len(defect) - np.searchsorted(np.sort(defect), cands, side="right")
         fp = len(good) - np.searchsorted(np.sort(good), cands, side="right")
         fn = len(defect) - tp
@@ -132,7 +134,7 @@ class EscapeBudget:
 
     def fit(self, good: np.ndarray, defect: np.ndarray | None) -> Fit:
         if defect is None or len(defect) == 0:
-            raise ValueError(
+            raise DataError(
                 "escape: needs defective images (--defects or --data with test defects)"
             )
         d = np.sort(np.asarray(defect, float))
@@ -150,7 +152,7 @@ class EscapeBudget:
             # The rest are caught by the region test whatever t is: spare the good parts.
             finite = np.concatenate([d[np.isfinite(d)], g[np.isfinite(g)]])
             if finite.size == 0:
-                raise ValueError("escape: every part is rejected by the region test alone")
+                raise DataError("escape: every part is rejected by the region test alone")
             t = float(finite.max())
         return Fit(
             t,
@@ -169,13 +171,13 @@ def make_strategy(
     name: str, target_frr: float = 0.01, max_escape: float = 0.0
 ) -> ThresholdStrategy:
     if not 0.0 < target_frr < 1.0:
-        raise ValueError(f"--target-frr: must be in (0, 1), got {target_frr:g}")
+        raise InvalidValue(f"--target-frr: must be in (0, 1), got {target_frr:g}")
     if not 0.0 <= max_escape < 1.0:
-        raise ValueError(f"--max-escape: must be in [0, 1), got {max_escape:g}")
+        raise InvalidValue(f"--max-escape: must be in [0, 1), got {max_escape:g}")
     if name == "frr":
         return FalseRejectRate(target_frr=target_frr)
     if name == "escape":
         return EscapeBudget(max_escape=max_escape)
     if name in STRATEGIES:
         return STRATEGIES[name]()
-    raise ValueError(f"unknown strategy {name!r}, expected one of {list(STRATEGIES)}")
+    raise InvalidValue(f"unknown strategy {name!r}, expected one of {list(STRATEGIES)}")

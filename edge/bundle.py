@@ -20,7 +20,7 @@ import yaml
 
 from edge import typedconfig
 from edge.atomic import atomic_write
-from edge.errors import BundleError, ConfigError
+from edge.errors import BundleError, ConfigError, InvalidValue
 
 MANIFEST = "manifest.yaml"
 THRESHOLDS = "thresholds.yaml"
@@ -68,7 +68,9 @@ class Manifest:
 
     def validate(self) -> None:
         if self.format != FORMAT:
-            raise ValueError(f"format: unsupported bundle format {self.format!r}, want {FORMAT!r}")
+            raise InvalidValue(
+                f"format: unsupported bundle format {self.format!r}, want {FORMAT!r}"
+            )
 
 
 @dataclass
@@ -85,7 +87,7 @@ class Thresholds:
 
     def validate(self) -> None:
         if self.min_region_area < 0:
-            raise ValueError(f"min_region_area: must be >= 0, got {self.min_region_area}")
+            raise InvalidValue(f"min_region_area: must be >= 0, got {self.min_region_area}")
 
 
 def sha256_file(path: str | Path) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge import typedconfig
-from edge.errors import ConfigError
+from edge.errors import ConfigError, InvalidValue
 from edge.opcua.config import OpcUaConfig
 
 # Names that end up in MQTT topics, client ids and file names: no wildcard (#, +), no level
@@ -48,7 +48,7 @@ def default_client_id(*names: str) -> str:
 
 def check_name(key: str, value: str) -> None:
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):
-        raise ValueError(
+        raise InvalidValue(
             f"{key}: {value!r} is not a valid name (letters, digits, '_', '.', '-'; first a "
             "letter or digit; at most 64; no '#', '+', '/', spaces or control characters)"
         )
@@ -83,16 +83,16 @@ class SourceConfig:
 
     def validate(self) -> None:
         if self.rate < 0:
-            raise ValueError(f"rate: must be >= 0, got {self.rate}")
+            raise InvalidValue(f"rate: must be >= 0, got {self.rate}")
         if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
+            raise InvalidValue(f"timeout_s: must be > 0, got {self.timeout_s}")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
-            raise ValueError(
+            raise InvalidValue(
                 "reconnect_min_s/reconnect_max_s: need 0 < min <= max, got "
                 f"{self.reconnect_min_s}, {self.reconnect_max_s}"
             )
         if self.buffer < 1:
-            raise ValueError(f"buffer: must be >= 1, got {self.buffer}")
+            raise InvalidValue(f"buffer: must be >= 1, got {self.buffer}")
 
 
 @dataclass
@@ -101,7 +101,7 @@ class PreprocessConfig:
 
     def validate(self) -> None:
         if self.crop is not None and (len(self.crop) != 4 or min(self.crop[2:]) <= 0):
-            raise ValueError(f"crop: expected [x, y, w, h] with w,h > 0, got {self.crop}")
+            raise InvalidValue(f"crop: expected [x, y, w, h] with w,h > 0, got {self.crop}")
 
 
 @dataclass
@@ -152,19 +152,19 @@ class MqttConfig:
     def validate(self) -> None:
         check_name("prefix", self.prefix)
         if self.max_inflight < 1:
-            raise ValueError(f"max_inflight: must be >= 1, got {self.max_inflight}")
+            raise InvalidValue(f"max_inflight: must be >= 1, got {self.max_inflight}")
         if self.spool_reserve_mb < 0:
-            raise ValueError(f"spool_reserve_mb: must be >= 0, got {self.spool_reserve_mb}")
+            raise InvalidValue(f"spool_reserve_mb: must be >= 0, got {self.spool_reserve_mb}")
 
 
 def _check_rate(key: str, rate: float) -> None:
     if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"{key}: must be within [0, 1], got {rate}")
+        raise InvalidValue(f"{key}: must be within [0, 1], got {rate}")
 
 
 def _check_quota(key: str, quota_mb: float) -> None:
     if quota_mb <= 0:
-        raise ValueError(f"{key}: must be > 0, got {quota_mb}")
+        raise InvalidValue(f"{key}: must be > 0, got {quota_mb}")
 
 
 @dataclass
@@ -179,11 +179,11 @@ class EvidenceConfig:
 
     def validate(self) -> None:
         if self.queue_size < 1:
-            raise ValueError(f"queue_size: must be >= 1, got {self.queue_size}")
+            raise InvalidValue(f"queue_size: must be >= 1, got {self.queue_size}")
         _check_quota("quota_mb", self.quota_mb)
         _check_rate("sample_pass_rate", self.sample_pass_rate)
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality: must be 1..100, got {self.jpeg_quality}")
+            raise InvalidValue(f"jpeg_quality: must be 1..100, got {self.jpeg_quality}")
 
 
 @dataclass
@@ -208,7 +208,7 @@ class ThresholdsConfig:
 
     def validate(self) -> None:
         if self.check_interval_s <= 0:
-            raise ValueError(f"check_interval_s: must be > 0, got {self.check_interval_s}")
+            raise InvalidValue(f"check_interval_s: must be > 0, got {self.check_interval_s}")
 
 
 @dataclass
@@ -218,7 +218,7 @@ class MetricsConfig:
 
     def validate(self) -> None:
         if self.interval_s <= 0 or self.window < 1:
-            raise ValueError(
+            raise InvalidValue(
                 f"need interval_s > 0 and window >= 1, got {self.interval_s}, {self.window}"
             )
 
@@ -286,7 +286,7 @@ class RuntimeConfig:
     def validate(self) -> None:
         for key in ("inference_threads", "opencv_threads", "max_batch"):
             if getattr(self, key) < 0:
-                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+                raise InvalidValue(f"{key}: must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -328,9 +328,9 @@ class StationConfig:
 
     def validate(self) -> None:
         if self.queue_size < 1:
-            raise ValueError(f"queue_size: must be >= 1, got {self.queue_size}")
+            raise InvalidValue(f"queue_size: must be >= 1, got {self.queue_size}")
         if self.heartbeat_s <= 0 or self.stall_s <= 0:
-            raise ValueError(
+            raise InvalidValue(
                 f"heartbeat_s/stall_s: must be > 0, got {self.heartbeat_s}, {self.stall_s}"
             )
 

@@ -15,8 +15,21 @@ class ConfigError(LineInspectError):
     """A YAML file is malformed, has an unknown key, a wrong type or an invalid value."""
 
 
+class InvalidValue(ConfigError, ValueError):
+    """A value out of range: a config key, a field of a bundle file, a command-line option.
+
+    The message names the key (or option) and the value; a config loader adds the file. Also a
+    ValueError, so a validate() that the typed config loader wraps with the file name
+    (edge.typedconfig) raises it the same way as plain ValueError checks elsewhere."""
+
+
 class BundleError(LineInspectError):
     """A bundle file is missing, tampered with (hash mismatch) or inconsistent."""
+
+
+class WriteError(LineInspectError, OSError):
+    """A file cannot be written (edge.atomic): the message names it. Also an OSError (with its
+    errno), so code that handles a full disk as an OSError keeps doing so."""
 
 
 class SourceError(LineInspectError):

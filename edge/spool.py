@@ -23,9 +23,9 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
-from edge.errors import BrokerError, LineInspectError
+from edge.errors import BrokerError, InvalidValue, LineInspectError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -64,7 +64,7 @@ class Spool:
 
     def __init__(self, path: str | Path, max_events: int = 100000) -> None:
         if max_events < 1:
-            raise ValueError(f"spool max_events must be >= 1, got {max_events}")
+            raise InvalidValue(f"spool max_events must be >= 1, got {max_events}")
         self.path = Path(path)
         self.max_events = max_events
         self._lock = threading.Lock()
@@ -213,26 +213,51 @@ class Spool:
         Idempotent on event_id: putting an id already pending stores nothing new.
         Raises SpoolFullError when full, SpoolError on any I/O problem; never drops silently.
         """
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"spool payload must be bytes, got {type(payload).__name__}")
+        if self.put_many([(topic, payload, event_id, qos)]):
+            raise self.full_error(event_id)
+
+    def put_many(self, events: Sequence[tuple[str, bytes, str, int]]) -> list[str]:
+        """Store (topic, payload, event_id, qos) events in one transaction: one sync for all
+        of them (the publisher's group commit), committed and synced when this returns.
+
+        Returns the event ids NOT stored because the spool is full (the first ones fill it);
+        the caller must raise `full_error` for each. Raises SpoolError on any I/O problem:
+        then none of them was stored.
+        """
+        for event in events:
+            if not isinstance(event[1], (bytes, bytearray, memoryview)):
+                raise TypeError(f"spool payload must be bytes, got {type(event[1]).__name__}")
         with self._lock:
             conn = self._open_conn()
-            if self._count >= self.max_events:
-                raise SpoolFullError(
-                    f"spool {self.path} is full ({self._count} of {self.max_events} events "
-                    f"waiting for the broker); event {event_id} was not stored"
-                )
-            try:
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO events (event_id, topic, payload, qos, created) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (str(event_id), topic, bytes(payload), int(qos), time.time()),
-                )
-            except sqlite3.Error as exc:
-                raise SpoolError(
-                    f"spool {self.path}: cannot store event {event_id}: {exc}"
-                ) from exc
-            self._count += cur.rowcount
+            room = max(0, self.max_events - self._count)
+            take = events[:room]
+            if take:
+                added = 0
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    for topic, payload, event_id, qos in take:
+                        added += conn.execute(
+                            "INSERT OR IGNORE INTO events (event_id, topic, payload, qos, created) "
+                            "VALUES (?, ?, ?, ?, ?)",
+                            (str(event_id), topic, bytes(payload), int(qos), time.time()),
+                        ).rowcount
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    _rollback(conn)
+                    ids = ", ".join(str(e[2]) for e in take[:3])
+                    more = f" and {len(take) - 3} more" if len(take) > 3 else ""
+                    raise SpoolError(
+                        f"spool {self.path}: cannot store event {ids}{more}: {exc}"
+                    ) from exc
+                self._count += added
+            return [str(e[2]) for e in events[room:]]
+
+    def full_error(self, event_id: str) -> SpoolFullError:
+        """The error for an event put_many could not store because the spool is full."""
+        return SpoolFullError(
+            f"spool {self.path} is full ({self._count} of {self.max_events} events "
+            f"waiting for the broker); event {event_id} was not stored"
+        )
 
     def ack(self, event_id: str) -> bool:
         """Forget one event (the broker has it). Returns False when it was not pending."""
@@ -311,6 +336,16 @@ class Spool:
         if self._conn is None:
             raise SpoolError(f"spool {self.path} is closed")
         return self._conn
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End a failed transaction; a failed rollback (disk gone) leaves SQLite to roll back the
+    journal at the next open, and the caller raises the original error."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("spool rollback failed: %s", exc)
 
 
 def _is_corrupt(exc: BaseException) -> bool:

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from edge.errors import LineInspectError
+from edge.errors import run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,80 +87,81 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        if args.cmd == "export":
-            from engines.export import export
+    # The model code under train/ raises ValueError for a bad argument of a checkpoint.
+    return run_cli(lambda: _run(args), also=(ValueError,))
 
-            out, rep = export(
-                args.run_dir,
-                args.out,
-                batch=args.batch,
-                images=args.images,
-                parity_count=args.parity_images,
-                name=args.name,
-                clean=not args.no_clean,
-            )
-            print(f"bundle {out}: parity ok on {rep.summary()}")
-        elif args.cmd == "quantize":
-            from dataclasses import replace
 
-            from engines.qcheck import Budget
-            from engines.quantize import format_table, quantize
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "export":
+        from engines.export import export
 
-            limits = {
-                "max_flip_rate": args.max_flip_rate,
-                "max_score_error": args.max_score_error,
-                "max_map_error": args.max_map_error,
-            }
-            budget = replace(Budget(), **{k: v for k, v in limits.items() if v is not None})
-            rep = quantize(
-                args.bundle,
-                args.calib,
-                args.eval,
-                calib_count=args.calib_count,
-                method=args.method,
-                keep_float=args.keep_float,
-                backend=args.backend,
-                check=args.check,
-                budget=budget,
-                allow_over_budget=args.allow_over_budget,
-                mixed=not args.no_mixed,
-            )
-            for c in rep.checks.values():
-                print(c.line())
+        out, rep = export(
+            args.run_dir,
+            args.out,
+            batch=args.batch,
+            images=args.images,
+            parity_count=args.parity_images,
+            name=args.name,
+            clean=not args.no_clean,
+        )
+        print(f"bundle {out}: parity ok on {rep.summary()}")
+    elif args.cmd == "quantize":
+        from dataclasses import replace
+
+        from engines.qcheck import Budget
+        from engines.quantize import format_table, quantize
+
+        limits = {
+            "max_flip_rate": args.max_flip_rate,
+            "max_score_error": args.max_score_error,
+            "max_map_error": args.max_map_error,
+        }
+        budget = replace(Budget(), **{k: v for k, v in limits.items() if v is not None})
+        rep = quantize(
+            args.bundle,
+            args.calib,
+            args.eval,
+            calib_count=args.calib_count,
+            method=args.method,
+            keep_float=args.keep_float,
+            backend=args.backend,
+            check=args.check,
+            budget=budget,
+            allow_over_budget=args.allow_over_budget,
+            mixed=not args.no_mixed,
+        )
+        for c in rep.checks.values():
+            print(c.line())
+        print(
+            f"wrote {rep.fp16} and {rep.int8} ({rep.quantized_layers} layers INT8, "
+            f"{len(rep.float_layers)} kept in float, {rep.calib_images} calibration images)"
+        )
+        if rep.eval is not None:
             print(
-                f"wrote {rep.fp16} and {rep.int8} ({rep.quantized_layers} layers INT8, "
-                f"{len(rep.float_layers)} kept in float, {rep.calib_images} calibration images)"
+                f"\nAUROC on {rep.eval['data']} ({rep.eval['images']} images, "
+                f"{rep.eval['backend']}):"
             )
-            if rep.eval is not None:
-                print(
-                    f"\nAUROC on {rep.eval['data']} ({rep.eval['images']} images, "
-                    f"{rep.eval['backend']}):"
-                )
-                print(format_table(rep.eval))
-            if rep.over_budget:
-                print(
-                    "error: accuracy budget exceeded: " + "; ".join(rep.over_budget),
-                    file=sys.stderr,
-                )
-                return 2
-        elif args.cmd == "build":
-            from engines.build import build
+            print(format_table(rep.eval))
+        if rep.over_budget:
+            print(
+                "error: accuracy budget exceeded: " + "; ".join(rep.over_budget),
+                file=sys.stderr,
+            )
+            return 2
+    elif args.cmd == "build":
+        from engines.build import build
 
-            res = build(
-                args.bundle,
-                args.precision,
-                workspace_mb=args.workspace,
-                timing_cache=args.timing_cache,
-                images=args.images,
-                force=args.force,
-                device=args.device,
-            )
-            state = "reused" if res.reused else "built"
-            print(f"{state} {res.engine} ({res.parity.summary() if res.parity else 'no parity'})")
-    except (LineInspectError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        res = build(
+            args.bundle,
+            args.precision,
+            workspace_mb=args.workspace,
+            timing_cache=args.timing_cache,
+            images=args.images,
+            force=args.force,
+            device=args.device,
+        )
+        state = "reused" if res.reused else "built"
+        print(f"{state} {res.engine} ({res.parity.summary() if res.parity else 'no parity'})")
     return 0
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edge import bundle as bundle_mod
+from edge.atomic import atomic_write
 from edge.backends import trt_compat as tc
-from edge.bundle import atomic_write
 from edge.errors import BackendError, DataError
 from edge.preprocess import list_images
 from engines import parity, qcheck

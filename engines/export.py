@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,8 @@ import torch
 from onnx import TensorProto
 
 from edge import bundle as bundle_mod
-from edge.errors import BundleError, DataError
+from edge.atomic import atomic_write
+from edge.errors import BundleError, DataError, InvalidValue
 from edge.preprocess import list_images, load_batch
 from engines import graph as graph_mod
 from engines import parity
@@ -156,7 +158,10 @@ def write_samples(out: Path, files: list[Path], size: tuple[int, int]) -> list[s
     for i, f in enumerate(files):
         chw = load_batch([f], size)[0]
         name = f"{SAMPLES_DIR}/{i:03d}.png"
-        cv2.imwrite(str(out / name), np.ascontiguousarray(chw.transpose(1, 2, 0)[:, :, ::-1]))
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(chw.transpose(1, 2, 0)[:, :, ::-1]))
+        if not ok:
+            raise DataError(f"{f}: cannot encode its parity sample as PNG")
+        atomic_write(out / name, png.tobytes())
         names.append(name)
     return names
 
@@ -184,7 +189,7 @@ def export(
         disagrees with torch, BundleError if it fails onnx.checker or has the wrong I/O.
     """
     if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
+        raise InvalidValue(f"--batch: must be >= 1, got {batch}")
     run_dir = Path(run_dir)
     ckpt_path = run_dir if run_dir.is_file() else run_dir / "checkpoint.pt"
     model, ckpt = load_checkpoint(ckpt_path)
@@ -195,51 +200,56 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "model.onnx"
     dummy = torch.zeros(batch, 3, size, size, dtype=torch.uint8)
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
-        # onnxscript and emits opset 18+; for this conv net the TorchScript graph is the cleaner.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            RawPixelGraph(model).eval(),
-            (dummy,),
-            str(onnx_path),
-            opset_version=OPSET,
-            input_names=["image"],
-            output_names=["anomaly_map", "score"],
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    raw = onnx.load(str(onnx_path))
-    check_graph(raw, onnx_path, batch, size)
-    cleaned_by = ""
-    if clean:
-        slim, cleaned_by = graph_mod.clean(raw)
-        if cleaned_by:
-            onnx.save(slim, str(onnx_path))
-            try:
-                check_graph(slim, onnx_path, batch, size)
-            except BundleError as exc:
-                log.warning(
-                    "%s: cleaned graph rejected (%s); keeping the raw export", cleaned_by, exc
-                )
-                onnx.save(raw, str(onnx_path))
-                cleaned_by = ""
+    # Candidate graphs go to a scratch folder; model.onnx is replaced (atomically) only by the
+    # one that passed parity, so a failed export leaves the previous bundle graph as it was.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
+        raw_path = Path(scratch) / "raw.onnx"
+        with warnings.catch_warnings():
+            # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
+            # onnxscript and emits opset 18+; for this conv net the TorchScript graph is the
+            # cleaner.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                RawPixelGraph(model).eval(),
+                (dummy,),
+                str(raw_path),
+                opset_version=OPSET,
+                input_names=["image"],
+                output_names=["anomaly_map", "score"],
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        raw = onnx.load(str(raw_path))
+        check_graph(raw, onnx_path, batch, size)
+        graph_path, cleaned_by = raw_path, ""
+        if clean:
+            slim, cleaned_by = graph_mod.clean(raw)
+            if cleaned_by:
+                try:
+                    check_graph(slim, onnx_path, batch, size)
+                    graph_path = Path(scratch) / "clean.onnx"
+                    onnx.save(slim, str(graph_path))
+                except BundleError as exc:
+                    log.warning(
+                        "%s: cleaned graph rejected (%s); keeping the raw export", cleaned_by, exc
+                    )
+                    cleaned_by = ""
 
-    report = check_parity(model, onnx_path, files, (size, size))
-    if not report.ok and cleaned_by:
-        # Cleaning must never cost parity: fall back to the raw export and judge that instead.
-        log.warning("parity failed after %s; retrying with the raw export", cleaned_by)
-        onnx.save(raw, str(onnx_path))
-        cleaned_by = ""
-        report = check_parity(model, onnx_path, files, (size, size))
-    if not report.ok:
-        raise ParityError(report.failure(f"{onnx_path}: ONNX Runtime disagrees with torch"))
+        report = check_parity(model, graph_path, files, (size, size))
+        if not report.ok and cleaned_by:
+            # Cleaning must never cost parity: fall back to the raw export and judge that.
+            log.warning("parity failed after %s; retrying with the raw export", cleaned_by)
+            graph_path, cleaned_by = raw_path, ""
+            report = check_parity(model, graph_path, files, (size, size))
+        if not report.ok:
+            raise ParityError(report.failure(f"{onnx_path}: ONNX Runtime disagrees with torch"))
+        atomic_write(onnx_path, graph_path.read_bytes())
 
     # The resolved training config travels with the bundle (provenance), hashed like the rest.
     train_cfg = run_dir / "config.yaml" if run_dir.is_dir() else None
     files_listed: dict = {"model.onnx": None}
     if train_cfg is not None and train_cfg.is_file():
-        shutil.copyfile(train_cfg, out / "train_config.yaml")
+        atomic_write(out / "train_config.yaml", train_cfg.read_bytes())
         files_listed["train_config.yaml"] = None
     for stale in (bundle_mod.PRECISION_FILES["fp16"], bundle_mod.PRECISION_FILES["int8"]):
         # Reduced-precision graphs of a previous export no longer match model.onnx.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import onnx
 
 from edge import bundle as bundle_mod
+from edge.atomic import atomic_write
 from edge.errors import DataError, LineInspectError
 from edge.preprocess import list_images, load_batch
 from engines import graph, qcheck
@@ -287,12 +287,12 @@ def quantize(
     }
     for name, tmp, p in ((FP16_FILE, fp16_tmp, "fp16"), (INT8_FILE, int8_tmp, "int8")):
         m.files.pop(name, None)
-        (b.root / name).unlink(missing_ok=True)
         if ok[p]:
-            os.replace(tmp, b.root / name)  # atomic: a reader sees the old file or the new
+            atomic_write(b.root / name, tmp.read_bytes())  # a reader sees the old or the new
             m.files[name] = bundle_mod.FileEntry("", 0)
         else:
-            tmp.unlink()
+            (b.root / name).unlink(missing_ok=True)  # a graph of the previous model.onnx
+        tmp.unlink()
     decision_check = {
         "images": len(held),
         "dir": str(Path(check).resolve()) if check is not None else None,

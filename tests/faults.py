@@ -931,11 +931,16 @@ def _spool_write_fault(
     tally(rig, gate, out)
     pub = s.get("publisher", {})
     failed = s.get("errors_by_stage", {}).get("publish", 0)
-    out.check(failed >= 1 and pub.get("spool_errors", 0) >= failed, f"counters: {pub}")
-    out.alarmed += f"; counters: spool_errors {pub.get('spool_errors')}"
+    # Every failed write is counted (spool_errors); the station counts as a publish error only
+    # the rejects the broker had not acknowledged either when the write failed (the others
+    # were delivered: publish_reject returns at the first of PUBACK and fsync).
+    errors = pub.get("spool_errors", 0)
+    out.check(errors >= 1 and errors >= failed, f"counters: {pub}")
+    out.alarmed += f"; counters: spool_errors {errors}"
     out.notes.append(
-        f"{failed} rejects not stored but sent live (broker up; with the broker also down they "
-        "would be lost, alarmed)"
+        f"{errors} rejects not stored but sent live ({failed} of them not yet acknowledged "
+        "when the write failed: station publish errors; broker up; with the broker also down "
+        "they would be lost, alarmed)"
         + (
             f"; {pub['spooled']} acked event(s) left in the spool (acks failed too): sent again "
             "at the next start, duplicates not losses"

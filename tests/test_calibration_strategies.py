@@ -23,6 +23,7 @@ from calibration.strategies import (
     make_strategy,
 )
 from edge.bundle import Thresholds
+from edge.errors import DataError
 
 
 def labelled(seed=0, n_good=300, n_def=40):
@@ -86,7 +87,7 @@ def test_frr_bound_holds_on_unseen_parts():
 def test_strategies_need_defects_and_valid_targets():
     good = np.linspace(0, 1, 10)
     for strat in (BestF1(), EscapeBudget(0.1)):
-        with pytest.raises(ValueError, match="needs defective images"):
+        with pytest.raises(DataError, match="needs defective images"):
             strat.fit(good, None)
     with pytest.raises(ValueError, match="target-frr"):
         make_strategy("frr", target_frr=1.5)
@@ -96,7 +97,7 @@ def test_strategies_need_defects_and_valid_targets():
 
 def test_strategies_with_region_caught_parts():
     good = np.array([0.1, 0.2, 0.3, np.inf])  # one good part the region test always rejects
-    with pytest.raises(ValueError, match="region test alone rejects"):
+    with pytest.raises(DataError, match="region test alone rejects"):
         FalseRejectRate(0.01).fit(good)
     defect = np.array([0.25, np.inf, np.inf])
     t = EscapeBudget(0.0).fit(good[:3], defect).threshold

@@ -181,37 +181,104 @@ time.sleep(60)
 
 
 @pytest.mark.broker
-def test_reject_reaches_the_broker_before_the_spool_sync(mosquitto, tmp_path):
-    """publish_reject sends first and syncs second: a slow disk does not delay the reject, the
-    call still returns only once the event is spooled, and a PUBACK that beats the sync still
-    empties the spool (no resend, no duplicate)."""
+def test_a_puback_that_beats_the_spool_sync_releases_the_caller(mosquitto, tmp_path):
+    """publish_reject sends first and syncs second, and returns at the first of the two: a slow
+    disk does not hold back the station once the broker has the reject; the write still
+    happens, and the PUBACK that came during it empties the spool (no resend, no duplicate)."""
     cfg = make_cfg(mosquitto, tmp_path)
     with Listener(mosquitto.host, mosquitto.port, BASE) as listener:
         pub = Publisher(cfg, BASE, STATUS_INFO)
         pub.start()
-        real_put = pub.spool.put
-        seen_during_put = []
+        real_put_many = pub.spool.put_many
+        disk = threading.Event()
+        writing = threading.Event()
 
-        def slow_put(*args, **kw):
-            # the broker has the event (delivered to the listener, PUBACK handled by the
-            # publisher) while the disk is still busy
-            seen_during_put.append(listener.wait_rejects(1, 3))
-            seen_during_put.append(wait(lambda: pub.ack_latency.count("reject_acked") == 1, 3))
-            real_put(*args, **kw)
+        def slow_put_many(events):
+            writing.set()
+            assert disk.wait(10)  # the disk is busy until the test lets it go
+            return real_put_many(events)
 
-        pub.spool.put = slow_put
+        pub.spool.put_many = slow_put_many
         event = make_reject(0)
         t0 = time.monotonic()
         pub.publish_reject(event, t_capture=t0 - 0.010)
-        assert seen_during_put == [True, True]
-        assert len(pub.spool) == 0  # acked during the sync, removed right after it
+        # Returned while the write cannot have completed: released by the broker's PUBACK
+        # (the writer may not even have started: the PUBACK can beat it too).
+        assert not disk.is_set()
+        assert writing.wait(3)
+        assert listener.wait_rejects(1, 3)
+        assert wait(lambda: pub.ack_latency.count("reject_acked") == 1, 3)
+        disk.set()
+        assert pub.flush(5)  # written, then removed as acknowledged
+        assert len(pub.spool) == 0
         st = pub.stats()
-        assert st["acked"] == 1 and st["spooled"] == 0
+        assert st["acked"] == 1 and st["spooled"] == 0 and st["spool_errors"] == 0
         lat = pub.ack_latency.percentiles()["reject_acked"]
         assert lat["p50"] is not None and lat["p50"] >= 10.0  # capture -> PUBACK, in ms
         assert pub.ack_latency.percentiles()["result_acked"]["p50"] is None
         pub.close()
     assert ids(listener.rejects()) == [event["event_id"]]
+
+
+def test_rejects_waiting_together_share_one_spool_sync(tmp_path):
+    """Group commit: rejects that wait while a sync runs are stored by the next one, together,
+    and each caller returns only once its event is on disk (no broker: nothing acknowledges)."""
+    cfg = MqttConfig(host="127.0.0.1", port=free_port(), spool=str(tmp_path / "spool.sqlite"))
+    pub = Publisher(cfg, BASE, STATUS_INFO)
+    real_put_many = pub.spool.put_many
+    batches: list[int] = []
+    first = threading.Event()
+    release = threading.Event()
+
+    def slow_put_many(events):
+        batches.append(len(events))
+        if len(batches) == 1:
+            first.set()
+            assert release.wait(10)
+        return real_put_many(events)
+
+    pub.spool.put_many = slow_put_many
+    done: list[str] = []
+
+    def publish(ev):
+        pub.publish_reject(ev)
+        done.append(ev["event_id"])
+        assert ev["event_id"] in {r.event_id for r in pub.spool.pending()}  # on disk already
+
+    events = [make_reject(i) for i in range(6)]
+    threads = [threading.Thread(target=publish, args=(events[0],))]
+    threads[0].start()
+    assert first.wait(5)  # the first sync is running
+    for ev in events[1:]:
+        threads.append(threading.Thread(target=publish, args=(ev,)))
+        threads[-1].start()
+    assert wait(lambda: pub._write_queue.qsize() == 5, 5)
+    assert done == []  # nobody returns before its event is stored
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(done) == sorted(ids(events))
+    assert batches == [1, 5]  # five rejects, one transaction, one sync
+    assert len(pub.spool) == 6
+    pub.close(timeout_s=0.1)
+
+
+def test_a_failed_write_nobody_acknowledged_raises_and_alarms(tmp_path):
+    """No broker to acknowledge it: a reject the spool cannot store is neither stored nor
+    delivered; publish_reject raises (the station counts it) and the alarm holds."""
+    cfg = MqttConfig(host="127.0.0.1", port=free_port(), spool=str(tmp_path / "spool.sqlite"))
+    pub = Publisher(cfg, BASE, STATUS_INFO)
+    pub.spool._conn.execute("PRAGMA query_only=ON")  # every write now fails
+    ev = make_reject(0)
+    with pytest.raises(SpoolError, match="cannot store event"):
+        pub.publish_reject(ev)
+    st = pub.stats()
+    assert st["spool_errors"] == 1 and st["spooled"] == 0
+    assert "spool write failed" in st["alarm"] and "NOT stored, not sent" in st["alarm"]
+    pub.spool._conn.execute("PRAGMA query_only=OFF")
+    pub.publish_reject(make_reject(1))  # a good write clears it
+    assert pub.stats()["alarm"] is None
+    pub.close(timeout_s=0.1)
 
 
 @pytest.mark.broker
@@ -786,8 +853,12 @@ def test_spool_write_failure_alarms_on_status_and_still_publishes(tmp_path, mosq
             pub.spool._conn.execute("PRAGMA query_only=ON")  # every write now fails
             ev = make_reject(1)
             t0 = time.monotonic()
-            with pytest.raises(SpoolError):
+            try:  # raises unless the broker's PUBACK came first (then it was delivered)
                 pub.publish_reject(ev)
+            except SpoolError:
+                pass
+            # the failed write (and, when its PUBACK came after it, the failed removal)
+            assert wait(lambda: pub.stats()["spool_errors"] >= 1, 3)
             assert gate.wait_for(
                 lambda: any(
                     "spool write failed" in (e.payload or {}).get("alarm", "")
@@ -799,7 +870,7 @@ def test_spool_write_failure_alarms_on_status_and_still_publishes(tmp_path, mosq
             assert gate.wait_rejects(2, 5) and gate.rejects()[1]["event_id"] == ev["event_id"]
             pub.spool._conn.execute("PRAGMA query_only=OFF")
             pub.publish_reject(make_reject(2))  # a good write clears it
-            assert pub.stats()["alarm"] is None
+            assert wait(lambda: pub.stats()["alarm"] is None, 3), pub.stats()
     finally:
         pub.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edge.errors import LineInspectError
+from edge.errors import InvalidValue, run_cli
 
 
 def _csv(text: str) -> list[str]:
@@ -14,7 +14,7 @@ def _csv(text: str) -> list[str]:
 
 def _cmd_synth(a: argparse.Namespace) -> None:
     if a.source and a.real:
-        raise ValueError("--from and --real exclude each other")
+        raise InvalidValue("--from and --real exclude each other")
     if a.source:
         from train.realsurf import paint_folder
 
@@ -154,12 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=_cmd_fit)
 
     a = p.parse_args(argv)
-    try:
-        a.func(a)
-    except (LineInspectError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    # train/ still raises ValueError for a bad model argument or data option (reported the same
+    # way: one line, exit 2); everything else is a bug and keeps its traceback.
+    return run_cli(lambda: a.func(a), also=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ here, so a message id is recorded before its PUBACK can be handled.
 A PUBACK settles one of:
     OTHER           a status or result message (refused ones are counted)
     ACKED           a reject the broker took: remove it from the spool
-    ACKED_STORING   the same, but publish_reject is still writing it: it removes it after
+    ACKED_STORING   the same, but the spool writer has not stored it yet: it removes it right
+                    after the write
     NO_SUBSCRIBERS  MQTT 5 reason 16: nobody got it; it stays spooled and is retried soon
     REFUSED         the broker refused it: it stays spooled and is retried
     AMBIGUOUS       a QoS 0 message reused its id (16-bit wrap): not trusted, sent again
@@ -49,7 +50,7 @@ class Track:
 
 class Ledger:
     """Message ids in flight, reject events held by paho until acked, and rejects sent but not
-    yet in the spool (publish_reject sends before it syncs)."""
+    yet in the spool (publish_reject sends before the spool writer syncs)."""
 
     def __init__(self) -> None:
         self._mids: dict[int, deque[Track]] = {}
@@ -104,18 +105,15 @@ class Ledger:
         if track.ambiguous:
             return AMBIGUOUS, track
         if track.event_id in self._storing:
-            self._acked_while_storing.add(track.event_id)  # publish_reject removes it
+            self._acked_while_storing.add(track.event_id)  # the spool writer settles it
             return ACKED_STORING, track
         return ACKED, track
 
     def storing(self, event_id: str) -> None:
         self._storing.add(event_id)
 
-    def is_storing(self, event_id: str) -> bool:
-        return event_id in self._storing
-
     def stored(self, event_id: str) -> bool:
-        """publish_reject is done writing `event_id`: True when its PUBACK came meanwhile."""
+        """The spool writer is done with `event_id`: True when its PUBACK came meanwhile."""
         self._storing.discard(event_id)
         early = event_id in self._acked_while_storing
         self._acked_while_storing.discard(event_id)

@@ -57,8 +57,9 @@ from edge.mqtt.connection import (
 )
 from edge.mqtt.ledger import Ledger
 from edge.mqtt.spoolsync import Resender
+from edge.mqtt.spoolwriter import SpoolWriter, Write
 from edge.mqtt.worker import Worker
-from edge.spool import Spool, SpoolError, SpoolFullError
+from edge.spool import Spool
 
 log = logging.getLogger("lineinspect.mqtt")
 
@@ -84,7 +85,7 @@ COUNTS = (
 )
 
 
-class Publisher(Worker, StatusAndAlarms):
+class Publisher(Worker, SpoolWriter, StatusAndAlarms):
     """Publishes a station's events; reject events go through the durable spool.
 
     `status_info` (model, model_sha256, config_sha256, ...) is merged into every status message.
@@ -131,6 +132,7 @@ class Publisher(Worker, StatusAndAlarms):
         self._counts = dict.fromkeys(COUNTS, 0)
         self._attempts = AttemptLog(cfg.reconnect_max_s)
         self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._init_writer()
         self._client: DiagnosingClient | None = None
         self._worker: threading.Thread | None = None
         self._first_connack = threading.Event()
@@ -286,6 +288,7 @@ class Publisher(Worker, StatusAndAlarms):
                 time.sleep(0.01)
             client.disconnect()
         self._stop_threads()
+        self._stop_writer()
         self._closed = True
         self.spool.close()
 
@@ -313,20 +316,21 @@ class Publisher(Worker, StatusAndAlarms):
     # -- publishing ------------------------------------------------------------------------------
 
     def publish_reject(self, event: dict, t_capture: float | None = None) -> None:
-        """Publish one reject event at once, then spool it durably; returns when it is on disk.
+        """Publish one reject event at once and spool it durably; returns when it is on disk or
+        the broker has acknowledged it, whichever comes first (edge/mqtt/spoolwriter.py).
 
-        The event goes to the broker before the spool's fsync, so the disk sync is not on the
-        way to the reject gate; the caller still gets control back only once the event would
-        survive a crash. A PUBACK that arrives during the sync removes it right after.
+        The event goes to the broker before the spool's fsync, and a PUBACK that beats the
+        fsync releases the caller: the disk sync is not on the way to the reject gate, and the
+        event survives a crash either way. A PUBACK during the sync removes it right after.
 
         Args:
             event: the reject event (must have event_id).
             t_capture: monotonic capture time of the part: its PUBACK then feeds the
                 `reject_acked` latency window (capture -> broker acknowledgement).
 
-        Raises SpoolFullError when the spool is full and SpoolError when it cannot be written: the
-        event was NOT stored (it may still reach a connected broker); the caller must count it
-        and raise an alarm.
+        Raises SpoolFullError when the spool is full and SpoolError when it cannot be written,
+        and the broker has not acknowledged the event: it was NOT stored (it may still reach a
+        connected broker); the caller must count it. The alarm is already raised.
         """
         if self._closed:
             raise BrokerError("MQTT publisher is closed; reject event not stored")
@@ -342,45 +346,17 @@ class Publisher(Worker, StatusAndAlarms):
             event = {**event, "seq": self._seq, "bd_seq": self.bd_seq or 0}
             payload = encode_event(event)
             held = len(self._ledger) >= self._max_inflight
+            info = None
             if held:
                 self._counts["held_back"] += 1  # the spool keeps it; the pump sends it later
             elif self._connected and event_id not in self._ledger:
                 self._ledger.storing(event_id)
-                self._publish_locked(
+                info = self._publish_locked(
                     topic, payload, 1, event_id=event_id, window="reject_acked", t_capture=t_capture
                 )
-        try:
-            self._check_spool_file()
-            self.spool.put(topic, payload, event_id, qos=1)
-        except SpoolFullError:
-            with self._lock:
-                self._counts["spool_full"] += 1
-                self._set_alarm_locked(100)
-            raise
-        except SpoolError as exc:
-            with self._lock:
-                self._counts["spool_errors"] += 1
-                sent = self._ledger.is_storing(event_id)
-            # Loud at once: a retained alarm on status (the reject itself went to a connected
-            # broker before the write, when there was one).
-            self.raise_alarm(
-                "spool_write",
-                f"spool write failed ({' '.join(str(exc).split())[:200]}); reject {event_id} "
-                + ("sent but not stored" if sent else "NOT stored, not sent"),
-            )
-            raise
-        finally:
-            with self._lock:
-                acked_early = self._ledger.stored(event_id)
-            if acked_early:  # also when the put failed: the broker has it, count the ack
-                self._ack_spooled([event_id])
-        self.clear_alarm("spool_write")
-        if held:
-            with self._lock:
-                self._resend.held_back()
-        if not acked_early:
-            with self._lock:
-                self._update_alarm_locked()
+            write = Write(topic, payload, event_id, info is not None, held)
+            self._store(write, None if info is None else info.mid)
+        self._wait_stored(write)
 
     def publish_result(
         self, event: dict, qos: int | None = None, t_capture: float | None = None
@@ -422,9 +398,10 @@ class Publisher(Worker, StatusAndAlarms):
             return self._publish_locked(topic, payload, qos=qos, **track) is not None
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until every spooled event is acknowledged. False on timeout."""
+        """Wait until every spooled event is acknowledged (and the spool writer has settled
+        every reject handed to it). False on timeout."""
         deadline = time.monotonic() + timeout_s
-        while len(self.spool):
+        while len(self.spool) or self._writes:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.01)
@@ -468,6 +445,7 @@ class Publisher(Worker, StatusAndAlarms):
         if client is None:
             return None
         what = f"reject {event_id} (kept in the spool)" if event_id else f"on {topic}"
+        self._n_published += 1
         try:
             info = client.publish(topic, payload, qos=qos, retain=retain)
         except (ValueError, OSError) as exc:

@@ -1,6 +1,7 @@
 """The publisher's worker-thread half: paho's callbacks (network thread) only enqueue what
 happened; one worker of ours takes it off the queue and does the bookkeeping: PUBACKs against
-the in-flight ledger (edge/mqtt/ledger.py), spool acks (one sync per batch), connects and
+the in-flight ledger (edge/mqtt/ledger.py), spool acks (one transaction per batch), releasing a
+reject's caller when its PUBACK beats the spool writer (edge/mqtt/spoolwriter.py), connects and
 disconnects, the periodic checks (the spool file is still ours, the broker still acknowledges),
 and the re-send passes over the spool (edge/mqtt/spoolsync.py).
 
@@ -57,7 +58,9 @@ class Worker:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         try:
-            self._events.put(("ack", mid, reason_code, time.monotonic()))
+            t_ack = time.monotonic()
+            self._release_on_puback(mid, reason_code)  # edge/mqtt/spoolwriter.py
+            self._events.put(("ack", mid, reason_code, t_ack))
         except Exception:
             self._callback_failed("on_publish")
 
@@ -164,7 +167,8 @@ class Worker:
                 log.debug("ambiguous ack for %s; it will be sent again", track.event_id)
             elif outcome == L.ACKED:
                 acked.append(track.event_id)
-            # ACKED_STORING: publish_reject removes it once its write is done
+            else:  # ACKED_STORING: the spool writer settles it; its caller need not wait
+                self._release_acked(track.event_id)
 
     def _handle_connect(self, reason_code: Any, session_present: bool) -> None:
         with self._lock:

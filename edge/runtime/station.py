@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from edge.errors import SourceError
+from edge.errors import InvalidValue, SourceError
 from edge.liveness import Liveness
 from edge.metrics import LatencyWindows
 from edge.postprocess import Decision, PostProcessor
@@ -99,9 +99,9 @@ class StationSettings:
 
     def __post_init__(self) -> None:
         if self.mode not in ("triggered", "continuous"):
-            raise ValueError(f"mode: expected triggered or continuous, got {self.mode!r}")
+            raise InvalidValue(f"mode: expected triggered or continuous, got {self.mode!r}")
         if self.on_error not in ON_ERROR:
-            raise ValueError(f"on_error: expected one of {ON_ERROR}, got {self.on_error!r}")
+            raise InvalidValue(f"on_error: expected one of {ON_ERROR}, got {self.on_error!r}")
         self.size = tuple(self.size)
         self.crop = tuple(self.crop) if self.crop is not None else None
         self.model = dict(self.model or {"name": "", "sha256": ""})
