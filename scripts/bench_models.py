@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -35,6 +36,20 @@ ABLATIONS = {
         "dskd": ("dskd", {}),
         # the old defaults (Sd fed by Se, running-mean maps, plain loss), then one change
         # back at a time: what each of today's defaults buys
+        # today's training on crops vs whole images (the defaults before crops: 8 whole
+        # images a step, 20 epochs, at most 300 steps)
+        "dskd-whole-images": (
+            "dskd",
+            {
+                "train.crop": 0,
+                "train.batch_size": 8,
+                "train.epochs": 20,
+                "train.max_steps": 300,
+                "train.early_stop_patience": 5,
+            },
+        ),
+        "dskd-rot90-flips": ("dskd", {"train.augment": ["hflip", "vflip", "rot90"]}),
+        "dskd-feature-pool": ("dskd", {"feature_pool": 3}),
         "dskd-2025": (
             "dskd",
             {
@@ -82,7 +97,7 @@ def _parse_variant(text: str) -> tuple[str, str, dict]:
         raise ValueError(f"--variant {text!r}: expected name:kind[:key=value,...]")
     args = {}
     if len(parts) == 3 and parts[2]:
-        for item in parts[2].split(","):
+        for item in re.split(r",(?![^\[]*\])", parts[2]):  # commas inside [..] are a list
             key, _, val = item.partition("=")
             args[key.strip()] = yaml.safe_load(val)
     return parts[0], parts[1], args

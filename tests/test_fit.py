@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge.errors import DataError
+from edge.errors import ConfigError, DataError
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.data import fingerprint, load_good_images, split
 from train.fit import TrainConfig, fit
@@ -242,3 +242,41 @@ def test_model_configs_load_and_build(kind):
     model = build_model(kind, **cfg.model_args, image_size=64, pretrained=False)
     for key, value in cfg.model_args.items():
         assert model.args[key] == value, key
+
+
+def test_crop_and_rot90_give_training_windows(good_dir):
+    """crop: random windows of the model input; rot90: quarter turns; val stays whole."""
+    torch.manual_seed(0)
+    train, val, _ = load_good_images(good_dir, 64, val_fraction=0.34, augment=["rot90"], crop=32)
+    full = torch.from_numpy(train.load(0)).float()
+    windows = [train[0] for _ in range(12)]
+    assert all(w.shape == (3, 32, 32) for w in windows) and val[0].shape == (3, 64, 64)
+    assert len(train) == 4 * len(train.files)  # an epoch: (64 // 32)^2 windows per image
+    # every window is some quarter turn of a 32x32 block of the whole input
+    for w in windows:
+        assert any(
+            (torch.rot90(w, -k, (-2, -1)) == full[:, y : y + 32, x : x + 32]).all()
+            for k in range(4)
+            for y in range(33)
+            for x in range(33)
+        )
+    assert len({tuple(w.flatten()[:64].tolist()) for w in windows}) > 1  # they differ
+    with pytest.raises(ValueError, match="crop"):
+        load_good_images(good_dir, 64, crop=96)
+
+
+def test_fit_on_crops(tmp_path, good_dir):
+    """DSKD trains on crops and its checkpoint maps whole images; bad crop values and a model
+    that needs whole images (MTKD's paper variant) are config errors naming the key."""
+    a = fit(_cfg(good_dir, tmp_path / "a", model="dskd", image_size=64, crop=32), progress=False)
+    model, meta = load_checkpoint(a)
+    with torch.no_grad():
+        amap, score = model(torch.rand(1, 3, 64, 64) * 255)
+    assert amap.shape == (1, 1, 64, 64) and torch.isfinite(score).all()
+    for bad in (48, 96):
+        with pytest.raises(ConfigError, match="crop"):
+            fit(_cfg(good_dir, tmp_path / "b", image_size=64, crop=bad), progress=False)
+    with pytest.raises(ConfigError, match="crop: model 'mtkd' needs whole images"):
+        cfg = _cfg(good_dir, tmp_path / "c", model="mtkd", image_size=64, crop=32)
+        cfg.model_args = {"variant": "paper"}
+        fit(cfg, progress=False)

@@ -82,6 +82,7 @@ def _cmd_fit(a: argparse.Namespace) -> None:
         "max_steps": a.max_steps,
         "seed": a.seed,
         "batch_size": a.batch_size,
+        "crop": a.crop,
         "device": a.device,
     }
     cfg = load_config(a.config, overrides)
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--epochs", type=int)
     s.add_argument("--max-steps", type=int, help="optimizer steps cap (0 = none; default 300)")
     s.add_argument("--batch-size", type=int)
+    s.add_argument("--crop", type=int, help="train on random crops of this size (0 = whole)")
     s.add_argument("--seed", type=int)
     s.add_argument("--device", choices=["cpu", "cuda"])
     s.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")

@@ -19,7 +19,9 @@ from edge.preprocess import list_images, read_image, to_input
 # Augmentations that cannot turn a good part into a plausible defect *for some parts only*: a
 # flip is harmless for isotropic textures (carpet, grid, wood) but makes a misoriented part look
 # normal for objects (transistor, screw), so none is on by default and each is opt-in.
-AUGMENTATIONS = ("hflip", "vflip")
+# rot90 (a random quarter turn) suits textures and parts that come down the line in any
+# orientation; with flips it gives all 8 symmetries of the square.
+AUGMENTATIONS = ("hflip", "vflip", "rot90")
 
 
 def good_image_dir(data: str | Path) -> Path:
@@ -79,6 +81,11 @@ class GoodImages(Dataset):
         augment: subset of AUGMENTATIONS, applied with probability 0.5 each (uses torch's RNG,
             so the fit seed makes it reproducible).
         cache: keep decoded uint8 images in memory (60 images at 256 = 12 MB); decode once.
+        crop: return a random crop x crop window of the S x S input (0 = the whole input).
+            The models are fully convolutional, so a window is a smaller view of the same
+            surface: at half the side a sample costs a quarter, and a CPU budget buys four
+            times the (more varied) samples. Uses torch's RNG, like `augment`. An epoch then
+            draws (S // crop)^2 windows per image, so it still covers about the images' area.
     """
 
     def __init__(
@@ -87,6 +94,7 @@ class GoodImages(Dataset):
         image_size: int,
         augment: list[str] | tuple[str, ...] = (),
         cache: bool = True,
+        crop: int = 0,
     ):
         bad = sorted(set(augment) - set(AUGMENTATIONS))
         if bad:
@@ -94,10 +102,14 @@ class GoodImages(Dataset):
         self.files = list(files)
         self.size = (int(image_size), int(image_size))
         self.augment = tuple(augment)
+        if not 0 <= crop <= image_size:
+            raise ValueError(f"crop must be in 0..{image_size} (the image size), got {crop}")
+        self.crop = int(crop)
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
-        return len(self.files)
+        repeats = (self.size[0] // self.crop) ** 2 if self.crop else 1
+        return len(self.files) * repeats
 
     def load(self, i: int) -> np.ndarray:
         """(3,S,S) uint8 RGB of image i (what the device would feed the graph)."""
@@ -109,11 +121,16 @@ class GoodImages(Dataset):
         return img
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        x = torch.from_numpy(self.load(i)).float()  # (3,S,S) 0..255
+        x = torch.from_numpy(self.load(i % len(self.files))).float()  # (3,S,S) 0..255
+        if self.crop and self.crop < x.shape[-1]:
+            y0, x0 = (int(v) for v in torch.randint(0, x.shape[-1] - self.crop + 1, (2,)))
+            x = x[:, y0 : y0 + self.crop, x0 : x0 + self.crop]
         if "hflip" in self.augment and torch.rand(()) < 0.5:
             x = x.flip(-1)
         if "vflip" in self.augment and torch.rand(()) < 0.5:
             x = x.flip(-2)
+        if "rot90" in self.augment:
+            x = torch.rot90(x, int(torch.randint(0, 4, ())), (-2, -1))
         return x
 
 
@@ -122,8 +139,10 @@ def load_good_images(
     image_size: int,
     val_fraction: float = 0.1,
     augment: list[str] | tuple[str, ...] = (),
+    crop: int = 0,
 ) -> tuple[GoodImages, GoodImages, dict]:
-    """Training and validation sets plus provenance.
+    """Training and validation sets plus provenance (`augment` and `crop` apply to the
+    training set only: see GoodImages).
 
     Every image is decoded once here, so an unreadable file fails now, naming it.
 
@@ -136,10 +155,10 @@ def load_good_images(
     folder = good_image_dir(data)
     files = list_images(folder)
     train_files, val_files = split(files, val_fraction)
-    train = GoodImages(train_files, image_size, augment)
+    train = GoodImages(train_files, image_size, augment, crop=crop)
     val = GoodImages(val_files, image_size)
     for ds in (train, val):
-        for i in range(len(ds)):
+        for i in range(len(ds.files)):
             ds.load(i)
     info = {
         "data_dir": str(folder),

@@ -57,6 +57,10 @@ class TrainConfig:
     device: Literal["cpu", "cuda"] = "cpu"
     num_workers: int = 0
     augment: list[str] = field(default_factory=list)  # subset of train.data.AUGMENTATIONS
+    # Train on random crop x crop windows of the image_size input (0 = whole images; a multiple
+    # of 32). Half the side = a quarter of the cost per sample: more, more varied steps in the
+    # same CPU time (docs/models_real.md measures what it buys). Fully convolutional models only.
+    crop: int = 0
     threads: int = 0  # torch CPU threads; 0 = torch's default
     data: str = ""  # MVTec category dir (train/good is used) or a folder of good images
     out: str = "runs/train"
@@ -86,6 +90,11 @@ class TrainConfig:
         ):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.crop and (self.crop % 32 or not 32 <= self.crop <= self.image_size):
+            raise ValueError(
+                f"crop: must be 0 or a multiple of 32 up to image_size {self.image_size}, "
+                f"got {self.crop}"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
         bad = sorted(set(self.augment) - set(AUGMENTATIONS))
@@ -191,7 +200,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
 
     # ---- data: deterministic split of good images; val is never augmented
     train_set, val_set, data_info = load_good_images(
-        cfg.data, cfg.image_size, cfg.val_fraction, cfg.augment
+        cfg.data, cfg.image_size, cfg.val_fraction, cfg.augment, cfg.crop
     )
     # drop_last keeps BatchNorm statistics away from a batch of 1 (only when >1 batch exists)
     loader = torch.utils.data.DataLoader(
@@ -210,6 +219,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         model = build_model(cfg.model, **model_args).to(device)
     except ValueError as exc:
         raise ConfigError(f"config: {exc}") from exc
+    if cfg.crop and not getattr(model, "accepts_crops", True):
+        raise ConfigError(f"config: crop: model {cfg.model!r} needs whole images (set crop: 0)")
     resolved = typedconfig.to_dict(cfg)
     typedconfig.dump(cfg, out / "config.yaml")
     if hasattr(model, "fit_memory"):  # PatchCore: no optimiser, the bank is the model

@@ -163,6 +163,9 @@ class DSKD(nn.Module):
         hard_fraction: the loss at each scale is the mean over this top fraction of the
             hardest positions (1.0 = plain mean): the image score is the map's maximum, so the
             positions the students imitate worst on good parts are the ones that matter.
+        feature_pool: k x k average of teacher and student features (stride 1) before their
+            distance, as PatchCore's local neighbourhood aggregation: a position is judged by
+            its neighbourhood, which damps single-cell imitation noise on good parts (1 = off).
         embed_channels: channels of the embedding.
         decoder_width: Sd's hidden width per scale, as a multiple of the teacher's channels.
         decoder_depth: 3x3 conv blocks per Sd scale.
@@ -187,6 +190,7 @@ class DSKD(nn.Module):
         map_norm: str = "quantile",
         norm_rings: int = 0,
         hard_fraction: float = 0.1,
+        feature_pool: int = 1,
         embed_channels: int = 128,
         decoder_width: float = 1.0,
         decoder_depth: int = 1,
@@ -215,6 +219,8 @@ class DSKD(nn.Module):
             raise ValueError(f"dskd: sd_input must be se or teacher, got {sd_input!r}")
         if not 0 <= norm_rings <= 8:
             raise ValueError(f"dskd: norm_rings must be in 0..8, got {norm_rings!r}")
+        if feature_pool < 1 or feature_pool % 2 == 0:
+            raise ValueError(f"dskd: feature_pool must be an odd size >= 1, got {feature_pool!r}")
         if not 0 < hard_fraction <= 1:
             raise ValueError(f"dskd: hard_fraction must be in (0, 1], got {hard_fraction!r}")
         if embed_channels < 8 or decoder_width <= 0 or decoder_depth < 0:
@@ -240,6 +246,7 @@ class DSKD(nn.Module):
             map_norm=map_norm,
             norm_rings=int(norm_rings),
             hard_fraction=float(hard_fraction),
+            feature_pool=int(feature_pool),
             embed_channels=int(embed_channels),
             decoder_width=float(decoder_width),
             decoder_depth=int(decoder_depth),
@@ -262,6 +269,9 @@ class DSKD(nn.Module):
         self.match_strides = [st[i] for i in match]
         self.interaction, self.sd_input = interaction, sd_input
         self.map_norm, self.hard_fraction = map_norm, hard_fraction
+        self.pool = nn.Identity()
+        if feature_pool > 1:  # stride 1, same size; border cells average only real cells
+            self.pool = nn.AvgPool2d(feature_pool, 1, feature_pool // 2, count_include_pad=False)
         self.combine_scales, self.combine_students = combine_scales, combine_students
         side = [image_size // st[i] for i in match]
         self.scale = MapNorm([(h, h) for _ in self.active for h in side], rings=norm_rings)
@@ -283,7 +293,10 @@ class DSKD(nn.Module):
             else:
                 e = self.embed(se if self.interaction else [f.detach() for f in se])
             feats["sd"] = self.sd(e)
-        return {k: [cosine_distance(t[i], feats[k][i]) for i in self.match] for k in self.active}
+        p = self.pool
+        return {
+            k: [cosine_distance(p(t[i]), p(feats[k][i])) for i in self.match] for k in self.active
+        }
 
     def training_loss(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (B,3,S,S) 0..255. Returns: scalar pyramid-matching loss of both students."""

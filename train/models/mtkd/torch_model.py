@@ -196,6 +196,8 @@ class MTKD(nn.Module):
         else:
             side = self._build_paper(image_size, ae_hidden)
         self.scale = MapNorm([(h, h) for h in side], rings=0)
+        # The paper variant decodes its target through a Linear sized for the whole image.
+        self.accepts_crops = variant != "paper"
         self.size = (image_size, image_size)
         self.norm_student = Normalize(self.student.mean, self.student.std)
         self.norm_teachers = nn.ModuleList(Normalize(t.mean, t.std) for t in self.teachers)
