@@ -6,7 +6,6 @@ before anything is written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -14,17 +13,7 @@ import numpy as np
 
 from edge.errors import DataError
 from edge.preprocess import IMAGE_SUFFIXES, list_images
-
-
-@dataclass
-class Sample:
-    path: Path
-    defect: str | None  # None = good part; else the defect type (MVTec sub-folder name)
-    mask: Path | None = None
-
-    @property
-    def good(self) -> bool:
-        return self.defect is None
+from thresholding.scored import Sample
 
 
 def skipped_files(folder: str | Path) -> list[Path]:

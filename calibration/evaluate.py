@@ -11,10 +11,18 @@ from pathlib import Path
 import numpy as np
 
 from calibration import dataset, metrics
-from calibration.decision import FixedRule, RegionRule, TiedRule, area_levels, device_decisions
-from calibration.fit import View, rates, station_view
-from calibration.scoring import Scored, score_samples
+from calibration.fit import station_view
+from calibration.scoring import score_samples
 from edge.bundle import Bundle, Thresholds
+from thresholding.decision import (
+    FixedRule,
+    RegionRule,
+    TiedRule,
+    area_levels,
+    device_decisions,
+)
+from thresholding.fit import View, rates
+from thresholding.scored import Scored
 
 
 @dataclass

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from calibration.decision import device_decisions
-from calibration.fit import LINE_SAMPLE, FitResult, line_sample_info, score_stats
+from calibration.fit import LINE_SAMPLE, line_sample_info
 from edge.errors import DataError
+from thresholding.decision import device_decisions
+from thresholding.fit import FitResult, score_stats
 
 Row = tuple[str, str, str]
 

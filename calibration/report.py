@@ -20,11 +20,12 @@ from matplotlib.figure import Figure
 from scipy.stats import beta
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from calibration.decision import largest_region
-from calibration.fit import FitResult
-from calibration.scoring import Scored, model_view
-from calibration.strategies import CONFIDENCE
+from calibration.scoring import model_view
 from edge.bundle import Bundle, Thresholds
+from thresholding.decision import largest_region
+from thresholding.fit import FitResult
+from thresholding.scored import Scored
+from thresholding.strategies import CONFIDENCE
 
 GOOD, DEFECT, INK, MUTED = "#2a9d8f", "#e76f51", "#264653", "#8d99ae"
 GALLERY_MAX = 8
@@ -401,7 +402,7 @@ def _cards(d: ReportData) -> str:
                 "neutral",
             )
         )
-        from calibration.strategies import cp_upper
+        from thresholding.strategies import cp_upper
 
         ub = cp_upper(c["fr"], c["n_good"])
         target = th.targets.get("target_frr") if th.targets else None
@@ -454,7 +455,7 @@ def _meaning(d: ReportData) -> str:
     if th is None:
         return ""
     c = _counts(d)
-    from calibration.strategies import cp_upper
+    from thresholding.strategies import cp_upper
 
     ub = cp_upper(c["fr"], c["n_good"])
     text = (

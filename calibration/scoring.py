@@ -2,44 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from tqdm import tqdm
 
-from calibration.dataset import Sample, read_mask
+from calibration.dataset import read_mask
 from edge.backends import load_backend
 from edge.bundle import Bundle
 from edge.errors import BackendError, DataError
 from edge.preprocess import read_image, to_input
-
-
-@dataclass
-class Scored:
-    samples: list[Sample]
-    scores: np.ndarray  # (N,) float32, the graph's image score
-    maps: np.ndarray  # (N,H,W) float32 anomaly maps at model resolution
-    masks: np.ndarray  # (N,H,W) bool ground truth (all False for good parts and unmasked defects)
-    crop: tuple[int, int, int, int] | None = None  # the frame crop the images were scored with
-
-    @property
-    def good(self) -> np.ndarray:
-        """(N,) bool, True = good part."""
-        return np.array([s.good for s in self.samples], bool)
-
-    @property
-    def has_masks(self) -> bool:
-        return any(s.mask is not None for s in self.samples)
-
-    def subset(self, sel: np.ndarray) -> Scored:
-        idx = np.flatnonzero(sel)
-        return Scored(
-            [self.samples[i] for i in idx],
-            self.scores[idx],
-            self.maps[idx],
-            self.masks[idx],
-            self.crop,
-        )
+from thresholding.scored import Sample, Scored
 
 
 def model_view(sample: Sample, size: tuple[int, int], crop=None) -> np.ndarray:

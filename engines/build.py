@@ -7,7 +7,8 @@
     engines/<gpu>.trt<version>.timing-cache                          kept per GPU + TRT version
 
 Which graph is parsed and how precision is chosen depends on the TensorRT version and lives in
-edge.backends.trt_compat.build_plan (8.x/10.x builder flags; 11.x strongly typed). After a build
+engines.trt_build.build_plan (8.x/10.x builder flags; 11.x strongly typed), on top of what the
+runtime shares in edge.backends.trt_compat (graph source, engine name, sidecar check, I/O). After a build
 the engine runs through the edge TensorRT backend on the bundle's sample images and is compared
 with ONNX Runtime (CPU) running the bundle's graph of the same precision; an engine that fails is
 deleted, never cached.
@@ -32,6 +33,7 @@ from edge.backends import trt_compat as tc
 from edge.errors import BackendError, DataError
 from edge.preprocess import list_images
 from engines import parity, qcheck
+from engines import trt_build as tb
 
 log = logging.getLogger("lineinspect.engines.build")
 
@@ -84,7 +86,7 @@ def sample_files(b: bundle_mod.Bundle, images: str | Path | None) -> list[Path]:
 def build_engine(
     trt: Any,
     src: Path,
-    plan: tc.BuildPlan,
+    plan: tb.BuildPlan,
     b: bundle_mod.Bundle,
     workspace_bytes: int,
     timing_cache: Path,
@@ -97,17 +99,17 @@ def build_engine(
     """
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(tc.network_flags(trt, plan))
+    network = builder.create_network(tb.network_flags(trt, plan))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(src)):
-        errors = tc.parser_errors(parser)
+        errors = tb.parser_errors(parser)
         for e in errors:
             log.error("%s: ONNX parser: %s", src.name, e)
         raise EngineBuildError(
             f"{src}: TensorRT's ONNX parser failed with {len(errors)} error(s): "
             + " | ".join(errors)
         )
-    io = tc.network_io(trt, network)
+    io = tb.network_io(trt, network)
     for spec in io:
         log.info("%s: %s", src.name, spec.describe())
     m = b.manifest
@@ -118,8 +120,8 @@ def build_engine(
         (m.outputs.anomaly_map, m.outputs.score),
     )
     config = builder.create_builder_config()
-    flags = tc.configure(trt, config, plan, workspace_bytes)
-    tc.load_timing_cache(config, timing_cache)
+    flags = tb.configure(trt, config, plan, workspace_bytes)
+    tb.load_timing_cache(config, timing_cache)
     log.info(
         "building %s engine from %s (TensorRT %s, %s, flags %s, workspace %d MB)",
         plan.precision,
@@ -167,10 +169,10 @@ def build(
         EngineBuildError (parser/builder), ParityError (engine disagrees with ONNX Runtime).
     """
     if trt is None or cuda is None:
-        trt, cuda = tc.require_tensorrt()
+        trt, cuda = tb.require_tensorrt()
     version = tc.parse_version(trt.__version__)
     tc.check_supported(version)
-    plan = tc.build_plan(version, precision)
+    plan = tb.build_plan(version, precision)
     b = bundle_mod.Bundle(bundle_dir)
     src = b.model_path(plan.source)  # sha256-verified; says to run `engines quantize` if absent
     # Parity reference: ONNX Runtime on the same-precision graph, or (FP16 from the FP32 graph on
@@ -182,21 +184,21 @@ def build(
     gpu, gpu_name, cc = tc.gpu_identity(cuda, device)
     cache = b.root / tc.ENGINES_DIR
     cache.mkdir(exist_ok=True)
-    expect = tc.expect_for(b, plan, version, gpu)
+    expect = tc.expect_for(b, precision, version, gpu)
     if not force:
         found = tc.find_engine(cache, expect, version)
         if found is not None:
             log.info("reusing %s (built %s)", found[0].name, found[1].get("built", "?"))
             return BuildResult(found[0], found[1], True, None)
     files = sample_files(b, images)
-    tcache = Path(timing_cache) if timing_cache else tc.timing_cache_path(cache, gpu, version)
+    tcache = Path(timing_cache) if timing_cache else tb.timing_cache_path(cache, gpu, version)
 
     t0 = time.perf_counter()
     serialized, io, flags = build_engine(trt, src, plan, b, workspace_mb << 20, tcache)
     engine = cache / tc.engine_name(expect.onnx_sha256, gpu, version, precision)
     atomic_write(engine, serialized)
     side = tc.sidecar_path(engine)
-    meta = tc.make_sidecar(
+    meta = tb.make_sidecar(
         engine,
         expect,
         gpu_name=gpu_name,

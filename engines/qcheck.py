@@ -1,7 +1,8 @@
 """Does a reduced-precision graph decide like FP32? A check that needs no defect images.
 
 On held-out good images (ones the INT8 calibration did not see) the FP32 graph is run and the
-station's thresholds are fitted on its outputs exactly as `calibration fit` does (frr strategy).
+station's thresholds are fitted on its outputs exactly as `calibration fit` does (frr strategy;
+the fit is thresholding.fit's, which both use).
 Then the FP16 or INT8 graph runs on the same images and is compared at the level that matters
 on the line:
 
@@ -96,9 +97,9 @@ def run_graph(path: Path, files: list[Path], size: tuple[int, int], batch: int):
 class Reference:
     """FP32 outputs on the check images and the thresholds a precision is judged against.
 
-    `Reference.fitted` fits them as `calibration fit` does (workstation: `engines quantize`);
-    the plain constructor takes given ones (device: `engines build` uses the bundle's
-    thresholds.yaml, or those `quantize` recorded, as the calibration package is not there).
+    `Reference.fitted` fits them as `calibration fit` does, with thresholding.fit (workstation:
+    `engines quantize`); the plain constructor takes given ones (device: `engines build` uses the
+    bundle's thresholds.yaml, or those `quantize` recorded, as thresholding is not there).
     """
 
     def __init__(
@@ -121,9 +122,9 @@ class Reference:
     def fitted(
         cls, files: list[Path], maps: np.ndarray, scores: np.ndarray, target_frr: float
     ) -> Reference:
-        from calibration.dataset import Sample
-        from calibration.fit import fit_scored
-        from calibration.scoring import Scored
+        # Workstation only (thresholding needs scipy): the device's `engines build` never fits.
+        from thresholding.fit import fit_scored
+        from thresholding.scored import Sample, Scored
 
         scored = Scored([Sample(p, None) for p in files], scores, maps, np.zeros(maps.shape, bool))
         fit = fit_scored(scored, "frr", target_frr=target_frr)

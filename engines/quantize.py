@@ -427,8 +427,18 @@ def _same_io(ref: onnx.ModelProto, new: onnx.ModelProto, name: str) -> None:
 def evaluate_precisions(
     bundle_dir: Path, data: str | Path, backend: str = "onnxruntime"
 ) -> tuple[dict, list[str]]:
-    """AUROC of fp32/fp16/int8 via calibration.evaluate; returns (table, over-budget lines)."""
-    from calibration.evaluate import evaluate
+    """AUROC of fp32/fp16/int8 via calibration.evaluate; returns (table, over-budget lines).
+
+    The one place engines uses calibration, and only for `--eval`: scoring an MVTec test set and
+    its AUROC/PRO is calibration's evaluation itself, so it is called, not copied. Imported here,
+    not at the top, so that engines (and `engines build` on the device) load without it.
+    """
+    try:
+        from calibration.evaluate import evaluate
+    except ImportError as exc:
+        raise QuantizeError(
+            f"--eval needs the calibration package (a workstation install): {exc}"
+        ) from exc
 
     rows: dict = {"data": str(Path(data).resolve()), "backend": backend, "max_drop": MAX_DROP}
     for p in ("fp32", "fp16", "int8"):

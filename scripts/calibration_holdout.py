@@ -24,10 +24,10 @@ from scipy.stats import binom
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration import dataset  # noqa: E402
-from calibration.decision import device_decisions  # noqa: E402
-from calibration.fit import fit_scored  # noqa: E402
 from calibration.scoring import score_samples  # noqa: E402
 from edge.bundle import Bundle  # noqa: E402
+from thresholding.decision import device_decisions  # noqa: E402
+from thresholding.fit import fit_scored  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

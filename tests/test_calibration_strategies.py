@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from calibration.decision import (
+from edge.bundle import Thresholds
+from edge.errors import DataError
+from thresholding.decision import (
     FixedRule,
     TiedRule,
     area_level,
@@ -13,7 +15,7 @@ from calibration.decision import (
     device_decisions,
     largest_region,
 )
-from calibration.strategies import (
+from thresholding.strategies import (
     STRATEGIES,
     BestF1,
     EscapeBudget,
@@ -22,8 +24,6 @@ from calibration.strategies import (
     images_needed,
     make_strategy,
 )
-from edge.bundle import Thresholds
-from edge.errors import DataError
 
 
 def labelled(seed=0, n_good=300, n_def=40):

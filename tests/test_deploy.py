@@ -375,7 +375,7 @@ def test_engine_build_imports_only_what_the_device_has(tmp_path):
         "import importlib.abc, runpy, sys\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'train', 'onnx', 'calibration'):\n"
+        "        if name.split('.')[0] in ('torch', 'train', 'onnx', 'calibration', 'thresholding'):\n"
         "            raise ImportError(f'{name} is not on the device')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import engines.build\n"

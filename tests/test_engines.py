@@ -385,6 +385,29 @@ def test_budget_logic(monkeypatch, tmp_path):
     assert "98.00" in table and "-1.00" in table and "n/a" in table
 
 
+def test_engines_fit_without_importing_calibration(tmp_path):
+    """engines quantize's decision check fits its reference thresholds with thresholding, not
+    calibration: only `--eval` (engines.quantize.evaluate_precisions) reaches calibration."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, numpy as np\n"
+        "import engines.__main__, engines.quantize, engines.build\n"
+        "from engines import qcheck\n"
+        "from pathlib import Path\n"
+        "rng = np.random.default_rng(0)\n"
+        "files = [Path(f'g{i}.png') for i in range(40)]\n"
+        "maps = rng.random((40, 16, 16), dtype=np.float32)\n"
+        "ref = qcheck.Reference.fitted(files, maps, maps.max(axis=(1, 2)), 0.05)\n"
+        "assert ref.th.image_threshold > 0\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] == 'calibration']\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
 def test_tampered_model_refused_by_every_loader(bundle_dir, run_dir, tmp_path):
     import shutil
 

@@ -461,12 +461,13 @@ def test_cli_help_lists_commands():
 
 
 def test_edge_imports_no_workstation_packages():
-    """The device needs only edge's light dependencies: never torch, train, engines, calibration."""
+    """The device needs only edge's light dependencies: never torch, train, engines,
+    calibration or thresholding (not even edge's TensorRT half, which engines builds with)."""
     code = (
         "import sys, edge.__main__, edge.pipeline, edge.sources, edge.postprocess, "
-        "edge.backends.onnxruntime; edge.__main__.build_parser(); "
+        "edge.backends.onnxruntime, edge.backends.trt_compat; edge.__main__.build_parser(); "
         "bad = sorted(m for m in sys.modules "
-        "if m.split('.')[0] in ('torch', 'train', 'engines', 'calibration')); "
+        "if m.split('.')[0] in ('torch', 'train', 'engines', 'calibration', 'thresholding')); "
         "assert not bad, bad"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -54,14 +54,14 @@ class OrtRunner:
 
     def __call__(self, bundle, precision, device):
         version = tc.parse_version(self.trt.__version__)
-        plan = tc.build_plan(version, precision)
         gpu = tc.gpu_identity(self.cuda, device)[0]
         found = tc.find_engine(
-            bundle.root / "engines", tc.expect_for(bundle, plan, version, gpu), version
+            bundle.root / "engines", tc.expect_for(bundle, precision, version, gpu), version
         )
         assert found is not None, "parity must run on the engine just written to the cache"
         self.loaded.append(found[0])
-        be = OnnxRuntimeBackend(bundle, plan.source, providers=["CPUExecutionProvider"])
+        source = tc.engine_source(version, precision)
+        be = OnnxRuntimeBackend(bundle, source, providers=["CPUExecutionProvider"])
         if self.offset:
             infer = be.infer
             be.infer = lambda x: (lambda m, s: (m, s + self.offset))(*infer(x))
@@ -212,7 +212,7 @@ def test_build_module_imports_no_torch():
     import subprocess
 
     code = (
-        "import sys, engines.__main__, engines.build, edge.backends.trt_compat; "
+        "import sys, engines.__main__, engines.build, engines.trt_build, edge.backends.trt_compat; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'train')]; "
         "assert not bad, bad"
     )

@@ -1,4 +1,5 @@
-"""edge.backends.trt_compat: every TensorRT version decision, naming and sidecar check, with fakes.
+"""Every TensorRT version decision, naming and sidecar check, with fakes: the runtime's
+(edge.backends.trt_compat, `tc`) and the builder's (engines.trt_build, `tb`).
 
 No GPU or TensorRT needed: tests/trtfake.py models the documented API of each version.
 """
@@ -12,6 +13,7 @@ import pytest
 
 from edge.backends import trt_compat as tc
 from edge.errors import BackendError, BundleError
+from engines import trt_build as tb
 from tests.trtfake import DataType, FakeContext, FakeEngine, make_cuda, make_trt
 
 V85, V86, V10, V11 = (tc.parse_version(v) for v in ("8.5.2.2", "8.6.1", "10.3.0.30", "11.4.0.106"))
@@ -48,7 +50,7 @@ def test_supported_versions():
     ],
 )
 def test_build_plan(version, precision, source, strong, explicit, flags):
-    p = tc.build_plan(version, precision)
+    p = tb.build_plan(version, precision)
     assert (p.source, p.strongly_typed, p.explicit_batch, p.flags) == (
         source,
         strong,
@@ -58,57 +60,66 @@ def test_build_plan(version, precision, source, strong, explicit, flags):
     assert p.clear_flags == (("TF32",) if precision == "fp32" else ())
 
 
+def test_engine_source_is_the_plans_source():
+    # The runtime finds an engine by the graph it came from without knowing the build plan.
+    for v in (V85, V86, V10, V11):
+        for p in tc.PRECISIONS:
+            assert tc.engine_source(v, p) == tb.build_plan(v, p).source
+    with pytest.raises(BackendError, match="unknown precision"):
+        tc.engine_source(V11, "int4")
+
+
 def test_build_plan_unknown_precision():
     with pytest.raises(BackendError, match="unknown precision 'int4'"):
-        tc.build_plan(V10, "int4")
+        tb.build_plan(V10, "int4")
 
 
 def test_network_flags_per_version():
-    assert tc.network_flags(make_trt("8.6.1"), tc.build_plan(V86, "fp16")) == 1 << 0
-    assert tc.network_flags(make_trt("10.3.0"), tc.build_plan(V10, "fp16")) == 0
-    assert tc.network_flags(make_trt("11.4.0"), tc.build_plan(V11, "int8")) == 1 << 1
+    assert tb.network_flags(make_trt("8.6.1"), tb.build_plan(V86, "fp16")) == 1 << 0
+    assert tb.network_flags(make_trt("10.3.0"), tb.build_plan(V10, "fp16")) == 0
+    assert tb.network_flags(make_trt("11.4.0"), tb.build_plan(V11, "int8")) == 1 << 1
     # A strongly typed plan on a TensorRT without the flag is an error, not a weak build.
     with pytest.raises(BackendError, match="STRONGLY_TYPED"):
-        tc.network_flags(make_trt("8.6.1"), tc.build_plan(V11, "fp16"))
+        tb.network_flags(make_trt("8.6.1"), tb.build_plan(V11, "fp16"))
 
 
 def test_configure_sets_workspace_and_flags():
     trt = make_trt("10.3.0")
     cfg = trt.Builder(None).create_builder_config()
-    assert tc.configure(trt, cfg, tc.build_plan(V10, "int8"), 256 << 20) == ["INT8", "FP16"]
+    assert tb.configure(trt, cfg, tb.build_plan(V10, "int8"), 256 << 20) == ["INT8", "FP16"]
     assert trt.calls["pool"] == [(trt.MemoryPoolType.WORKSPACE, 256 << 20)]
     assert cfg.flags == {"INT8", "FP16"}
     cfg = trt.Builder(None).create_builder_config()
     cfg.flags.add("TF32")  # on by default in real TensorRT
-    assert tc.configure(trt, cfg, tc.build_plan(V10, "fp32"), 1 << 20) == []
+    assert tb.configure(trt, cfg, tb.build_plan(V10, "fp32"), 1 << 20) == []
     assert "TF32" not in cfg.flags and "TF32" in trt.calls["cleared"]
     with pytest.raises(BackendError, match="workspace must be positive"):
-        tc.configure(trt, cfg, tc.build_plan(V10, "fp32"), 0)
+        tb.configure(trt, cfg, tb.build_plan(V10, "fp32"), 0)
 
 
 def test_configure_refuses_precision_flags_trt11_lacks():
     trt = make_trt("11.4.0")
     cfg = trt.Builder(None).create_builder_config()
-    assert tc.configure(trt, cfg, tc.build_plan(V11, "fp16"), 1 << 20) == []
+    assert tb.configure(trt, cfg, tb.build_plan(V11, "fp16"), 1 << 20) == []
     assert trt.calls["set_flags"] == []  # strongly typed: no precision flags at all
     with pytest.raises(BackendError, match="no BuilderFlag.FP16"):
-        tc.configure(trt, cfg, tc.build_plan(V10, "fp16"), 1 << 20)
+        tb.configure(trt, cfg, tb.build_plan(V10, "fp16"), 1 << 20)
 
 
 def test_timing_cache_read_and_missing(tmp_path):
     trt = make_trt("10.3.0")
     cfg = trt.Builder(None).create_builder_config()
-    tc.load_timing_cache(cfg, tmp_path / "absent.cache")
+    tb.load_timing_cache(cfg, tmp_path / "absent.cache")
     assert trt.calls["timing_cache_in"] == b"" and trt.calls["ignore_mismatch"] is False
     (tmp_path / "t.cache").write_bytes(b"abc")
-    tc.load_timing_cache(cfg, tmp_path / "t.cache")
+    tb.load_timing_cache(cfg, tmp_path / "t.cache")
     assert trt.calls["timing_cache_in"] == b"abc"
     cfg.set_timing_cache = lambda cache, ignore_mismatch: False  # another GPU's cache
     with pytest.raises(BackendError, match="does not fit this GPU/TensorRT"):
-        tc.load_timing_cache(cfg, tmp_path / "t.cache")
+        tb.load_timing_cache(cfg, tmp_path / "t.cache")
     cfg.create_timing_cache = lambda data: None
     with pytest.raises(BackendError, match="could not read the timing cache"):
-        tc.load_timing_cache(cfg, tmp_path / "t.cache")
+        tb.load_timing_cache(cfg, tmp_path / "t.cache")
 
 
 @pytest.mark.parametrize("version", ["8.6.1", "10.3.0"])
@@ -125,7 +136,7 @@ def test_parser_errors_every_one_formatted(version):
     ]
     trt = make_trt(version, parse_errors=errs)
     parser = trt.OnnxParser(None, None)
-    lines = tc.parser_errors(parser)
+    lines = tb.parser_errors(parser)
     assert len(lines) == 2
     assert (
         lines[0].startswith("node 3") and "code 8" in lines[0] and "Unsupported op Foo" in lines[0]
@@ -142,7 +153,7 @@ def test_network_io_and_check_io():
         _t(trt, "anomaly_map", (1, 1, 32, 48), DataType.FLOAT),
         _t(trt, "score", (1,), DataType.FLOAT),
     ]
-    specs = tc.network_io(trt, net)
+    specs = tb.network_io(trt, net)
     assert [s.describe() for s in specs] == [
         "input  image uint8 (1, 3, 32, 48)",
         "output anomaly_map float32 (1, 1, 32, 48)",
@@ -231,7 +242,7 @@ def test_gpu_identity_and_engine_name():
 def _engine_with_sidecar(tmp_path, expect, payload=b"ENGINE"):
     path = tmp_path / tc.engine_name(expect.onnx_sha256, expect.gpu, V10, expect.precision)
     path.write_bytes(payload)
-    tc.sidecar_path(path).write_text(json.dumps(tc.make_sidecar(path, expect, parity=None)))
+    tc.sidecar_path(path).write_text(json.dumps(tb.make_sidecar(path, expect, parity=None)))
     return path
 
 
@@ -286,15 +297,15 @@ def test_sidecar_tampered_engine_and_bad_files(tmp_path):
 
 
 def test_timing_cache_path_per_gpu_and_version(tmp_path):
-    a = tc.timing_cache_path(tmp_path, "orin-sm87", V10)
+    a = tb.timing_cache_path(tmp_path, "orin-sm87", V10)
     assert a.name == "orin-sm87.trt10.3.0.30.timing-cache"
-    assert a != tc.timing_cache_path(tmp_path, "orin-sm87", V86)
+    assert a != tb.timing_cache_path(tmp_path, "orin-sm87", V86)
 
 
 def test_require_tensorrt_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import -> ImportError
-    with pytest.raises(tc.TensorRTUnavailable) as e:
-        tc.require_tensorrt()
+    with pytest.raises(tb.TensorRTUnavailable) as e:
+        tb.require_tensorrt()
     msg = str(e.value)
     assert "TensorRT is not available" in msg and "python3-libnvinfer" in msg and "pycuda" in msg
 
@@ -303,5 +314,5 @@ def test_require_tensorrt_without_pycuda(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", make_trt("10.3.0"))
     monkeypatch.setitem(sys.modules, "pycuda", None)
     monkeypatch.setitem(sys.modules, "pycuda.driver", None)
-    with pytest.raises(tc.TensorRTUnavailable, match="pycuda is not available"):
-        tc.require_tensorrt()
+    with pytest.raises(tb.TensorRTUnavailable, match="pycuda is not available"):
+        tb.require_tensorrt()

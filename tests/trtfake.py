@@ -1,5 +1,5 @@
-"""A fake `tensorrt` module and `pycuda.driver`, enough to drive trt_compat, engines.build and
-edge.backends.tensorrt through every version branch on machines without a GPU.
+"""A fake `tensorrt` module and `pycuda.driver`, enough to drive trt_compat, engines.trt_build,
+engines.build and edge.backends.tensorrt through every version branch on machines without a GPU.
 
 It records what the code under test asked of TensorRT (network flags, builder flags, workspace,
 timing cache) and "builds" an engine whose bytes are the parsed ONNX file's, so a test can see

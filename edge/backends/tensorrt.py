@@ -93,19 +93,19 @@ class TensorRTBackend:
     def __init__(self, bundle: Any, precision: str = "fp32", *, device_id: int = 0):
         self.version = tc.parse_version(trt.__version__)
         tc.check_supported(self.version)
-        plan = tc.build_plan(self.version, precision)
-        bundle.model_path(plan.source)  # verifies the graph's sha256 (tampered -> BundleError)
+        # sha256 of the graph the engine comes from (tampered -> BundleError)
+        bundle.model_path(tc.engine_source(self.version, precision))
         self._cuda = CudaContext(device_id)
         gpu, gpu_name, _ = tc.gpu_identity(cuda, device_id)
         self._buffers: list[PinnedBuffer] = []
         try:
-            self._load(bundle, plan, precision, gpu, gpu_name)
+            self._load(bundle, precision, gpu, gpu_name)
         except BaseException:
             self.close()  # no context or pinned memory left behind by a failed load
             raise
 
-    def _load(self, bundle: Any, plan: tc.BuildPlan, precision: str, gpu: str, gpu_name: str):
-        expect = tc.expect_for(bundle, plan, self.version, gpu)
+    def _load(self, bundle: Any, precision: str, gpu: str, gpu_name: str):
+        expect = tc.expect_for(bundle, precision, self.version, gpu)
         found = tc.find_engine(bundle.root / tc.ENGINES_DIR, expect, self.version)
         if found is None:
             raise BackendError(

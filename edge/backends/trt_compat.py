@@ -1,20 +1,20 @@
-"""Every TensorRT version difference, engine naming and the engine sidecar, in one place.
+"""What the device needs to find, check and run a TensorRT engine, across TensorRT versions.
 
 Nothing here imports TensorRT or pycuda: the functions take the `trt` / `cuda` module objects
 (or the objects they made) as arguments, so each decision is unit-tested with small fakes on
-machines without a GPU. `engines.build` (the builder) and `edge.backends.tensorrt` (the runtime)
-call these and nothing version-specific of their own.
+machines without a GPU. `edge.backends.tensorrt` (the runtime) calls these and nothing
+version-specific of its own; the builder's own decisions (network flags, builder flags, timing
+cache, parser errors, writing the sidecar) live in `engines.trt_build`, which imports this module
+for what both sides must agree on: which graph an engine comes from, its name, its sidecar
+check and its I/O.
 
 Versions (NVIDIA's documented APIs):
-    8.5 / 8.6 (JetPack 5 / 6.0)  weakly typed: EXPLICIT_BATCH network flag, precision builder
-                                 flags (FP16; INT8 + FP16 from the Q/DQ graph); bindings API
-                                 (execute_async_v2) at run time.
-    10.x (JetPack 6.1+)          weakly typed: precision builder flags, networks are always
-                                 explicit batch; name-based I/O (set_tensor_address +
+    8.5 / 8.6 (JetPack 5 / 6.0)  weakly typed: FP16 engines parsed from the FP32 graph, INT8 from
+                                 the Q/DQ graph; bindings API (execute_async_v2) at run time.
+    10.x (JetPack 6.1+)          weakly typed, as 8.x; name-based I/O (set_tensor_address +
                                  execute_async_v3), the bindings API is gone.
-    11.x                         strongly typed only: no precision flags, no implicit
-                                 calibration; precision comes from the graph (model.fp16.onnx,
-                                 model.int8.onnx); name-based I/O.
+    11.x                         strongly typed only: precision comes from the graph
+                                 (model.fp16.onnx, model.int8.onnx); name-based I/O.
 """
 
 from __future__ import annotations
@@ -35,34 +35,8 @@ SIDECAR_FORMAT = "lineinspect-engine/1"
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINES_DIR = "engines"
 
-INSTALL_HINT = (
-    "install TensorRT's Python bindings (Jetson: JetPack's python3-libnvinfer, "
-    "`apt install python3-libnvinfer`; x86: `pip install tensorrt`) and pycuda "
-    "(`pip install 'lineinspect[jetson]'` or `pip install pycuda`)"
-)
-
-
-class TensorRTUnavailable(BackendError):
-    """TensorRT or pycuda cannot be imported here; the message says what to install."""
-
-
-def require_tensorrt() -> tuple[Any, Any]:
-    """(tensorrt, pycuda.driver) modules, or TensorRTUnavailable saying what to install."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise TensorRTUnavailable(
-            f"TensorRT is not available here ({exc}); {INSTALL_HINT}"
-        ) from exc
-    try:
-        import pycuda.driver as cuda
-    except ImportError as exc:
-        raise TensorRTUnavailable(f"pycuda is not available here ({exc}); {INSTALL_HINT}") from exc
-    return trt, cuda
-
-
 # ---------------------------------------------------------------------------------------------
-# Versions and build plans
+# Versions and the graph an engine comes from
 
 
 @dataclass(frozen=True, order=True)
@@ -92,94 +66,22 @@ def check_supported(version: TrtVersion) -> None:
         )
 
 
-@dataclass(frozen=True)
-class BuildPlan:
-    """How to build an engine of `precision` with this TensorRT version."""
-
-    precision: str
-    source: str  # which bundle graph to parse: fp32 | fp16 | int8 (edge.bundle.PRECISION_FILES)
-    strongly_typed: bool
-    explicit_batch: bool  # TRT 8.x needs the EXPLICIT_BATCH creation flag
-    flags: tuple[str, ...]  # trt.BuilderFlag names to set
-    clear_flags: tuple[str, ...]  # trt.BuilderFlag names to clear (when the version has them)
+def strongly_typed(version: TrtVersion) -> bool:
+    """TensorRT 11 builds strongly typed networks only: the graph's own types set precision."""
+    return version.major >= 11
 
 
-def build_plan(version: TrtVersion, precision: str) -> BuildPlan:
-    """The one place that decides builder flags vs strong typing, and which graph to parse."""
+def engine_source(version: TrtVersion, precision: str) -> str:
+    """Which bundle graph (fp32 | fp16 | int8, edge.bundle.PRECISION_FILES) the engine of
+    `precision` is parsed from. The runtime needs it as much as the builder: the engine's cache
+    key and sidecar name that graph's sha256."""
     if precision not in PRECISIONS:
         raise BackendError(f"unknown precision {precision!r}, expected one of {PRECISIONS}")
-    # TF32 is on by default on Ampere+; an "fp32" engine should mean FP32 arithmetic.
-    clear = ("TF32",) if precision == "fp32" else ()
-    if version.major >= 11:
-        # Strongly typed: the graph's own types decide; FP16/INT8 flags no longer exist.
-        return BuildPlan(precision, precision, True, False, (), clear)
-    flags = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}[precision]
-    # Weakly typed: FP16 from the FP32 graph plus a flag; INT8 from the explicit Q/DQ graph (its
-    # scales are used; no calibrator), FP16 allowed for the layers left unquantised.
-    source = "int8" if precision == "int8" else "fp32"
-    return BuildPlan(precision, source, False, version.major < 10, flags, clear)
-
-
-def network_flags(trt: Any, plan: BuildPlan) -> int:
-    """Bit mask for builder.create_network()."""
-    flags = 0
-    nd = trt.NetworkDefinitionCreationFlag
-    if plan.explicit_batch:
-        flags |= 1 << int(nd.EXPLICIT_BATCH)
-    if plan.strongly_typed:
-        if not hasattr(nd, "STRONGLY_TYPED"):
-            raise BackendError("this TensorRT has no STRONGLY_TYPED networks (need 10.0+)")
-        flags |= 1 << int(nd.STRONGLY_TYPED)
-    return flags
-
-
-def configure(trt: Any, config: Any, plan: BuildPlan, workspace_bytes: int) -> list[str]:
-    """Workspace limit and precision flags on an IBuilderConfig; returns the flags set."""
-    if workspace_bytes <= 0:
-        raise BackendError(f"workspace must be positive, got {workspace_bytes} bytes")
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    applied = []
-    for name in plan.flags:
-        flag = getattr(trt.BuilderFlag, name, None)
-        if flag is None:
-            raise BackendError(f"TensorRT has no BuilderFlag.{name} (plan {plan})")
-        config.set_flag(flag)
-        applied.append(name)
-    for name in plan.clear_flags:
-        flag = getattr(trt.BuilderFlag, name, None)
-        if flag is not None:
-            config.clear_flag(flag)
-    return applied
-
-
-def load_timing_cache(config: Any, path: Path | None) -> Any:
-    """Timing cache from `path` (empty if the file does not exist) set on `config`."""
-    data = path.read_bytes() if path is not None and path.is_file() else b""
-    cache = config.create_timing_cache(data)
-    if cache is None:
-        raise BackendError(f"{path}: TensorRT could not read the timing cache")
-    # A cache from another GPU or TensorRT version is refused rather than silently misused.
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        raise BackendError(
-            f"{path}: timing cache does not fit this GPU/TensorRT; delete it or pass another "
-            "--timing-cache"
-        )
-    return cache
-
-
-def parser_errors(parser: Any) -> list[str]:
-    """Every OnnxParser error as one line: node, operator, code, description."""
-    out = []
-    for i in range(parser.num_errors):
-        e = parser.get_error(i)
-        parts = [f"node {e.node()}"]
-        for attr in ("node_name", "node_operator"):  # TensorRT 10+
-            fn = getattr(e, attr, None)
-            if fn is not None and fn():
-                parts.append(f"{attr.split('_')[1]} {fn()}")
-        parts.append(f"code {e.code()}")
-        out.append(f"{', '.join(parts)}: {e.desc()}")
-    return out
+    if strongly_typed(version):
+        return precision
+    # Weakly typed: FP16 from the FP32 graph plus a builder flag; INT8 from the explicit Q/DQ
+    # graph (its scales are used; no calibrator).
+    return "int8" if precision == "int8" else "fp32"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,20 +99,9 @@ class TensorSpec:
         return f"{'input ' if self.is_input else 'output'} {self.name} {self.dtype} {self.shape}"
 
 
-def _np_dtype(trt: Any, dt: Any) -> str:
+def np_dtype(trt: Any, dt: Any) -> str:
+    """numpy dtype name of a TensorRT DataType (network and engine tensors alike)."""
     return np.dtype(trt.nptype(dt)).name
-
-
-def network_io(trt: Any, network: Any) -> list[TensorSpec]:
-    """Inputs and outputs of a parsed INetworkDefinition."""
-    specs = []
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        specs.append(TensorSpec(t.name, tuple(t.shape), _np_dtype(trt, t.dtype), True))
-    for i in range(network.num_outputs):
-        t = network.get_output(i)
-        specs.append(TensorSpec(t.name, tuple(t.shape), _np_dtype(trt, t.dtype), False))
-    return specs
 
 
 def io_api(version: TrtVersion) -> str:
@@ -228,7 +119,7 @@ def engine_io(trt: Any, engine: Any, api: str) -> list[TensorSpec]:
             is_in = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             shape = tuple(engine.get_tensor_shape(name))
             specs.append(
-                TensorSpec(name, shape, _np_dtype(trt, engine.get_tensor_dtype(name)), is_in)
+                TensorSpec(name, shape, np_dtype(trt, engine.get_tensor_dtype(name)), is_in)
             )
     elif api == "bindings":
         for i in range(engine.num_bindings):
@@ -236,7 +127,7 @@ def engine_io(trt: Any, engine: Any, api: str) -> list[TensorSpec]:
                 TensorSpec(
                     engine.get_binding_name(i),
                     tuple(engine.get_binding_shape(i)),
-                    _np_dtype(trt, engine.get_binding_dtype(i)),
+                    np_dtype(trt, engine.get_binding_dtype(i)),
                     bool(engine.binding_is_input(i)),
                 )
             )
@@ -324,11 +215,6 @@ def sidecar_path(engine: Path) -> Path:
     return engine.with_name(engine.name + ".json")
 
 
-def timing_cache_path(cache_dir: Path, gpu: str, version: TrtVersion) -> Path:
-    """Default timing cache: one per GPU and TensorRT version, next to the engines."""
-    return cache_dir / f"{gpu}.trt{version}.timing-cache"
-
-
 @dataclass
 class Expect:
     """What an engine must have been built from and for, to be used here."""
@@ -340,15 +226,16 @@ class Expect:
     precision: str
 
 
-def expect_for(bundle: Any, plan: BuildPlan, version: TrtVersion, gpu: str) -> Expect:
-    """What the engine for `plan` must match, from the bundle's manifest (builder and runtime
-    both call this, so they agree on the cache key)."""
+def expect_for(bundle: Any, precision: str, version: TrtVersion, gpu: str) -> Expect:
+    """What the engine of `precision` must match, from the bundle's manifest (builder and
+    runtime both call this, so they agree on the cache key)."""
+    source = engine_source(version, precision)
     return Expect(
-        onnx_file=PRECISION_FILES[plan.source],
-        onnx_sha256=bundle.model_sha256(plan.source),
+        onnx_file=PRECISION_FILES[source],
+        onnx_sha256=bundle.model_sha256(source),
         trt_version=str(version),
         gpu=gpu,
-        precision=plan.precision,
+        precision=precision,
     )
 
 
@@ -398,15 +285,3 @@ def find_engine(cache_dir: Path, expect: Expect, version: TrtVersion) -> tuple[P
     if not path.is_file():
         return None
     return path, check_sidecar(path, expect)
-
-
-def make_sidecar(engine: Path, expect: Expect, **extra: Any) -> dict:
-    """Sidecar dict for a freshly written engine (hash and size of its bytes included)."""
-    return {
-        "format": SIDECAR_FORMAT,
-        "engine": engine.name,
-        "engine_sha256": sha256_file(engine),
-        "bytes": engine.stat().st_size,
-        **asdict(expect),
-        **extra,
-    }

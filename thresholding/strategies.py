@@ -1,6 +1,6 @@
 """Image-threshold strategies. One small Protocol, an explicit registry, one shared test.
 
-A part is rejected when its decision statistic (calibration.decision; the image score when the
+A part is rejected when its decision statistic (thresholding.decision; the image score when the
 region test is off) is strictly above the threshold. Values may be +inf: a part that the fixed
 region test rejects at any image threshold.
 """
