@@ -213,7 +213,7 @@ def bench_backend(backend: Any, frames: np.ndarray) -> dict[str, Any]:
 
 
 def bench_pipeline(
-    cfg: Any, frames: int, listener: Any = None, viewers: int = 0, reject_all: bool = False
+    cfg: Any, frames: int, listener: Any = None, *, viewers: int = 0, reject_all: bool = False
 ) -> dict[str, Any]:
     """The full pipeline on `frames` frames of cfg's source; e2e latencies if a listener;
     with `viewers`, the operator view on and that many viewers connected throughout."""
@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
                 rate = round(args.latency_load * pipe_ips, 3)
                 cfg_lat = _station_cfg(args, host, port, work, results=True, rate=rate)
                 with Listener(host, port, cfg_lat.topic_base) as listener:
-                    lat = bench_pipeline(cfg_lat, args.frames, listener, args.reject_all)
+                    lat = bench_pipeline(cfg_lat, args.frames, listener, reject_all=args.reject_all)
                 lat["source_rate"] = rate
                 result["latency"] = lat
                 limit = 1.5 * bare_p50 + 5.0
