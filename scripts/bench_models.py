@@ -354,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime CPU threads")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--latency-runs", type=int, default=20)
-    p.add_argument("--report", default="docs/models_benchmark", help="writes .md and .json")
+    p.add_argument(
+        "--report",
+        help="writes .md and .json (default <out>/report: a docs/ table is written on purpose)",
+    )
     p.add_argument("--no-run", action="store_true", help="only rebuild the report")
     p.add_argument(
         "--relatency",
@@ -420,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                         res.write_text(json.dumps(r, indent=1))
                     results.append(r)
     command = "python scripts/bench_models.py " + " ".join(argv or sys.argv[1:])
-    write_report(results, list(variants), Path(a.report), command)
+    write_report(results, list(variants), Path(a.report or out / "report"), command)
     return 0
 
 
