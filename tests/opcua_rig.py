@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
 
 from edge.broker import free_port  # noqa: E402
+from tests.polling import wait_until  # noqa: E402
 
 GATE = ("Reject", "PartId", "Reason", "Score", "CaptureTime", "Sequence", "Ack")
 V = ua.VariantType
@@ -243,12 +244,7 @@ class Subscriber:
         return [v for n, v in self.changes if n == "Sequence" and v]
 
     def wait(self, cond: Any, timeout: float = 20.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
-        return True
+        return wait_until(cond, timeout)
 
     def stop(self) -> None:
         try:

@@ -28,6 +28,7 @@ from edge.mqtt import Publisher, SpoolFullError, encode_event
 from edge.spool import Spool, SpoolError
 from tests.broker import Mosquitto, free_port
 from tests.certs import have_openssl, make_ca, make_cert, tls_listener_conf
+from tests.polling import wait_until as wait
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "lineinspect/l1/s1"
@@ -67,15 +68,6 @@ def make_reject(i: int) -> dict:
 
 def ids(events) -> list[str]:
     return [e["event_id"] for e in events]
-
-
-def wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def assert_valid(kind: str, payload: dict) -> None:
