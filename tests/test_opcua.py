@@ -61,22 +61,29 @@ def credentials(tmp_path: Path, **creds: str) -> str:
     return str(path)
 
 
-def test_server_mode_subscriber_gets_every_verdict_in_order(tmp_path, mosquitto, bundle_dir):
-    defective = {1, 4, 5, 9, 13}
-    n = 16
-    frames = write_frames(tmp_path / "frames", defective, n, SHAPE)
+def server_mode(tmp_path: Path) -> tuple[dict, tuple[Path, Path], Path]:
+    """The station as OPC UA server (Sign & Encrypt, login) trusting one PLC client certificate.
+    Returns (the opcua config section, the PLC's (cert, key), the credentials file)."""
     certs = tmp_path / "certs"
     st_cert = rig.app_cert(certs, "station", STATION_URI, server=True)
     plc_cert = rig.app_cert(certs, "plc", "urn:test:plc-client", server=False)
-    url = rig.endpoint(path="lineinspect")
     opcua = {
         "mode": "server",
-        "endpoint": url,
+        "endpoint": rig.endpoint(path="lineinspect"),
         "certificate": str(st_cert[0]),
         "private_key": str(st_cert[1]),
         "peer_certificate": str(plc_cert[0]),
     }
     creds = credentials(tmp_path, opcua_username="plc", opcua_password="s3cret")
+    return opcua, plc_cert, creds
+
+
+def test_server_mode_subscriber_gets_every_verdict_in_order(tmp_path, mosquitto, bundle_dir):
+    defective = {1, 4, 5, 9, 13}
+    n = 16
+    frames = write_frames(tmp_path / "frames", defective, n, SHAPE)
+    opcua, plc_cert, creds = server_mode(tmp_path)
+    url = opcua["endpoint"]
     path = station_yaml(tmp_path, bundle_dir, frames, mosquitto.port, opcua, credentials_file=creds)
     cfg = config_mod.load(path)
     pipe = plan_mod.open_pipeline(plan_mod.build([cfg]))  # the server listens; nothing read yet
@@ -88,7 +95,7 @@ def test_server_mode_subscriber_gets_every_verdict_in_order(tmp_path, mosquitto,
             uri="urn:test:plc-client",
             certificate=str(plc_cert[0]),
             private_key=str(plc_cert[1]),
-            server_certificate=str(st_cert[0]),
+            server_certificate=opcua["certificate"],
         ).start()
         status = sub.read("Status")
         with Listener(mosquitto.host, mosquitto.port, BASE) as lst:
@@ -117,19 +124,9 @@ def test_server_mode_subscriber_gets_every_verdict_in_order(tmp_path, mosquitto,
 
 
 def test_server_mode_refuses_a_wrong_login_and_an_untrusted_client(tmp_path, bundle_dir, mosquitto):
-    certs = tmp_path / "certs"
-    st_cert = rig.app_cert(certs, "station", STATION_URI, server=True)
-    plc_cert = rig.app_cert(certs, "plc", "urn:test:plc-client", server=False)
-    other = rig.app_cert(certs, "other", "urn:test:other", server=False)
-    url = rig.endpoint(path="lineinspect")
-    opcua = {
-        "mode": "server",
-        "endpoint": url,
-        "certificate": str(st_cert[0]),
-        "private_key": str(st_cert[1]),
-        "peer_certificate": str(plc_cert[0]),
-    }
-    creds = credentials(tmp_path, opcua_username="plc", opcua_password="s3cret")
+    opcua, plc_cert, creds = server_mode(tmp_path)
+    url = opcua["endpoint"]
+    other = rig.app_cert(tmp_path / "certs", "other", "urn:test:other", server=False)
     frames = write_frames(tmp_path / "frames", set(), 2, SHAPE)
     path = station_yaml(tmp_path, bundle_dir, frames, mosquitto.port, opcua, credentials_file=creds)
     pipe = plan_mod.open_pipeline(plan_mod.build([config_mod.load(path)]))
@@ -146,7 +143,7 @@ def test_server_mode_refuses_a_wrong_login_and_an_untrusted_client(tmp_path, bun
                 uri=uri,
                 certificate=str(cert[0]),
                 private_key=str(cert[1]),
-                server_certificate=str(st_cert[0]),
+                server_certificate=opcua["certificate"],
             )
             with pytest.raises(Exception, match="Bad"):
                 sub.start()
