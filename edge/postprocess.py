@@ -125,9 +125,7 @@ class PostProcessor:
         n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
             hot.view(np.uint8), 8, cv2.CV_32S, _CCL
         )
-        peaks = np.zeros(n, np.float32)
-        np.maximum.at(peaks, labels[hot], amap[hot])  # peak per label, one unbuffered pass
-        stats, peaks = stats[1:], peaks[1:]  # label 0 is the background
+        stats = stats[1:]  # label 0 is the background
         areas = stats[:, cv2.CC_STAT_AREA]
         lefts = stats[:, cv2.CC_STAT_LEFT]
         tops = stats[:, cv2.CC_STAT_TOP]
@@ -141,6 +139,13 @@ class PostProcessor:
         if total > self.max_regions:
             keep = keep[np.argsort(-areas[keep], kind="stable")[: self.max_regions]]
 
+        # Peaks of the kept regions only, each within its own box: bounded by the boxes' area,
+        # where a pass over every hot pixel (np.maximum.at) cost 0.4 ms on a fully hot map.
+        peaks = np.empty(keep.size, np.float32)
+        for j, k in enumerate(keep):
+            box = np.s_[tops[k] : bottoms[k], lefts[k] : rights[k]]
+            peaks[j] = amap[box][labels[box] == k + 1].max()
+
         # Model pixels -> frame pixels: scale by the view/model ratio, offset by the crop;
         # floor the start and ceil the end so the box always covers the region.
         x0, y0, vw, vh = self.view(frame_shape)
@@ -152,7 +157,7 @@ class PostProcessor:
         bottom = np.minimum(np.ceil(bottoms[keep] * sy).astype(np.int64) + y0, y0 + vh)
         regions = [
             Region([int(a), int(b), int(c - a), int(d - b)], int(ar), float(pk))
-            for a, b, c, d, ar, pk in zip(left, top, right, bottom, areas[keep], peaks[keep])
+            for a, b, c, d, ar, pk in zip(left, top, right, bottom, areas[keep], peaks)
         ]
         regions.sort(key=lambda r: -r.peak)
         return regions, total

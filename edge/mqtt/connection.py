@@ -47,6 +47,17 @@ def utc_now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Nagle off on the broker connection. With it on, a small packet written while the
+    previous one is unacknowledged at the TCP level (a reject's PUBLISH right after its part's
+    result) waits for the peer's delayed ACK: up to 40 ms on Linux. The broker's side needs the
+    same (mosquitto: `set_tcp_nodelay true`, docs/mqtt.md)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError) as exc:  # not a TCP socket (a unix socket, a websocket)
+        log.info("MQTT socket: TCP_NODELAY not set (%s)", exc)
+
+
 class DiagnosingClient(mqtt.Client):
     """paho Client that remembers why the last connection attempt failed (for error messages).
 
@@ -62,6 +73,7 @@ class DiagnosingClient(mqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_log = self._remember_socket_error
+        self.on_socket_open = _no_delay
 
     def _remember_socket_error(self, client, userdata, level, buf: str) -> None:
         if level == mqtt.MQTT_LOG_ERR and buf.startswith(_SOCKET_ERRORS):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from edge.errors import OutputError
+
 if TYPE_CHECKING:
     from edge.ports import Publisher
 
@@ -23,11 +25,22 @@ class MqttOutput:
     def deliver(self, verdict: dict, t_capture: float | None = None) -> None:
         """The result first (when enabled), then the reject: separate attempts, so a failed
         result never costs the reject; a reject that cannot be spooled raises."""
+        result_error: Exception | None = None
         if self.results:
-            self.publisher.publish_result(verdict, t_capture=t_capture)
+            try:
+                self.publisher.publish_result(verdict, t_capture=t_capture)
+            except Exception as exc:  # raised after the reject had its own attempt
+                result_error = exc
         if verdict["decision"] == "reject":
             event = {k: v for k, v in verdict.items() if k != "decision"}
-            self.publisher.publish_reject(event, t_capture=t_capture)
+            try:
+                self.publisher.publish_reject(event, t_capture=t_capture)
+            except Exception as exc:
+                if result_error is None:
+                    raise
+                raise OutputError(f"reject: {exc}; result: {result_error}") from exc
+        if result_error is not None:
+            raise result_error
 
     def publish_status(self, status: dict, /) -> None:
         """The retained status is the publisher's own (heartbeat, alarms): nothing to add."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from edge.errors import InvalidValue, SourceError
 from edge.liveness import Liveness
 from edge.metrics import LatencyWindows
+from edge.outputs.mqtt import MqttOutput
 from edge.postprocess import Decision, PostProcessor
 from edge.preprocess import to_input
 from edge.reload import ThresholdsWatcher
@@ -133,6 +134,11 @@ class Station:
         s = settings if settings is not None else StationSettings(**fields)
         self.settings = s
         self.source, self.post, self.publisher = source, postprocessor, publisher
+        # edge.outputs.Outputs delivers every part to every output; a bare publisher (tests,
+        # MQTT only) is served as the MQTT output would serve it.
+        self.deliver: Callable[..., None] = getattr(publisher, "deliver", None) or (
+            MqttOutput(publisher, s.publish_results).deliver
+        )
         self.evidence = evidence
         self.watcher = watcher
         self.on_error = s.on_error
@@ -318,18 +324,10 @@ class Station:
                 )
             except Exception as exc:
                 self.count_error("evidence", exc, f"frame {frame.seq}")
-        # The result first: a reject's spool sync (inside publish_reject) must not hold back the
-        # result stream; the reject itself is on the wire before that sync. Separate attempts,
-        # so a failed result can never cost the reject.
-        outputs = getattr(self.publisher, "deliver", None)  # edge.outputs.Outputs (OPC UA, ...)
-        if outputs is not None:  # every part to every output, in order (MQTT as below)
-            verdict = {**event, "decision": "reject" if decision.reject else "pass"}
-            self._send(outputs, verdict, frame)
-        elif self.publish_results:
-            result = {**event, "decision": "reject" if decision.reject else "pass"}
-            self._send(self.publisher.publish_result, result, frame)
-        if decision.reject and outputs is None:
-            self._send(self.publisher.publish_reject, event, frame)
+        # One way out for every part: the outputs' deliver (edge.outputs: the MQTT result first,
+        # then the reject, spooled; then OPC UA and the other configured outputs).
+        verdict = {**event, "decision": "reject" if decision.reject else "pass"}
+        self._send(self.deliver, verdict, frame)
         t_pub = time.monotonic()
 
         self.counters.decided(decision.reject, decision.score, frame.t_mono, t_pub)
