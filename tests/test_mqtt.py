@@ -288,6 +288,18 @@ def test_results_at_qos1_have_their_ack_latency(mosquitto, tmp_path):
 
 
 @pytest.mark.broker
+def test_nagle_is_off_on_both_ends_of_the_station_connection(mosquitto, tmp_path):
+    # With Nagle on, a reject's PUBACK waited for the station's delayed ACK (40 ms) behind its
+    # result's PUBACK (docs/edge.md): the station's socket and the broker's config turn it off.
+    import socket
+
+    with Publisher(make_cfg(mosquitto, tmp_path), BASE, STATUS_INFO) as pub:
+        sock = pub._client.socket()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert "set_tcp_nodelay true" in mosquitto.conf_path.read_text().splitlines()
+
+
+@pytest.mark.broker
 def test_last_will_when_the_process_dies(mosquitto, tmp_path):
     with Listener(mosquitto.host, mosquitto.port, BASE) as listener:
         proc = _publisher_process(mosquitto, tmp_path / "spool.sqlite")
