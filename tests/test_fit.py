@@ -161,6 +161,28 @@ def test_cli_bad_config_key(tmp_path, capsys, good_dir):
     assert rc == 2 and "missing" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "line, key",
+    [
+        ('  embedding: "false"', "model_args.embedding: expected true/false"),
+        ("  embeding: true", "unknown key model_args.embeding"),
+        ("  stages: [1, two]", "model_args.stages[1]: expected an integer"),
+        ("  sigma: wide", "model_args.sigma: expected a number"),
+    ],
+)
+def test_cli_refuses_a_wrong_model_argument(tmp_path, capsys, good_dir, line, key):
+    # model_args are typed by the model's constructor (train.models.args_class): a string
+    # "false" used to become True through bool().
+    from train.__main__ import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"model: dskd\nmodel_args:\n{line}\n")
+    rc = main(["fit", "--config", str(cfg), "--data", str(good_dir), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and key in err and str(cfg) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_example_config_loads_and_cli_overrides():
     from train.fit import load_config
 

@@ -256,9 +256,27 @@ def test_dskd_match_scales_and_embedding_switch():
     )
 
 
+def test_dskd_map_fused_its_own_way_keeps_the_score():
+    # The map may take its own scale fusion and smoothing (localisation) while the score stays
+    # the max of the default fusion (the image decision): same weights, same score.
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, S, S) * 255
+    base = build_model("dskd", image_size=S, map_norm="none").eval()
+    args = {k: v for k, v in base.args.items() if k != "teacher_weights"}
+    split = build_model("dskd", **{**args, "map_combine_scales": "max", "map_sigma": 2.0})
+    whole = build_model("dskd", **{**args, "combine_scales": "max", "sigma": 2.0})
+    for m in (split, whole):
+        m.load_state_dict(base.state_dict())
+        m.eval()
+    with torch.no_grad():
+        (m0, s0), (m1, s1), (m2, _) = base(x), split(x), whole(x)
+    assert torch.equal(s0, s1) and torch.allclose(m1, m2) and not torch.allclose(m0, m1)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
+        {"map_combine_scales": "median"},
         {"students": "three"},
         {"combine_scales": "median"},
         {"combine_students": "sum"},
@@ -277,6 +295,7 @@ def test_dskd_rejects_bad_switches(bad):
     [
         ("dskd", {"combine_scales": "product", "combine_students": "max"}),
         ("dskd", {"students": "sd", "embedding": False, "match_scales": [0, 2]}),
+        ("dskd", {"map_combine_scales": "max", "map_sigma": 8.0}),
         ("mtkd", {"weights": "uniform", "reconstruction": False}),
     ],
 )

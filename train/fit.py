@@ -26,7 +26,7 @@ from edge import typedconfig
 from edge.errors import ConfigError
 from train.backbones import BACKBONES
 from train.data import AUGMENTATIONS, GoodImages, load_good_images
-from train.models import MODELS, build_model
+from train.models import MODELS, build_model, check_args
 
 
 @dataclass
@@ -110,7 +110,9 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     data = typedconfig.read_yaml(path) if path is not None else {}
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     source = str(path) if path is not None else "<command line>"
-    return typedconfig.from_dict(TrainConfig, data, source=source)
+    cfg = typedconfig.from_dict(TrainConfig, data, source=source)
+    cfg.model_args = check_args(cfg.model, cfg.model_args, source)
+    return cfg
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:

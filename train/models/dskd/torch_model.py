@@ -170,6 +170,9 @@ class DSKD(nn.Module):
         decoder_width: Sd's hidden width per scale, as a multiple of the teacher's channels.
         decoder_depth: 3x3 conv blocks per Sd scale.
         sigma: Gaussian smoothing of the anomaly map in pixels (0 = none).
+        map_combine_scales, map_sigma: the output map's own scale fusion and smoothing (None =
+            combine_scales, sigma); the score stays the max of the map made with
+            combine_scales and sigma (anomaly_map.py says why).
         teacher_weights: local state-dict file for the teacher (None = the registry's).
         pretrained: load the teacher's pretrained weights (False when loading a checkpoint).
     """
@@ -195,6 +198,8 @@ class DSKD(nn.Module):
         decoder_width: float = 1.0,
         decoder_depth: int = 1,
         sigma: float = 4.0,
+        map_combine_scales: str | None = None,
+        map_sigma: float | None = None,
         teacher_weights: str | None = None,
         pretrained: bool = True,
     ):
@@ -208,6 +213,7 @@ class DSKD(nn.Module):
         for key, val in (
             ("combine_scales", combine_scales),
             ("combine_students", combine_students),
+            ("map_combine_scales", map_combine_scales or combine_scales),
         ):
             if val not in COMBINE:
                 raise ValueError(f"dskd: {key} must be one of {', '.join(COMBINE)}, got {val!r}")
@@ -251,6 +257,8 @@ class DSKD(nn.Module):
             decoder_width=float(decoder_width),
             decoder_depth=int(decoder_depth),
             sigma=float(sigma),
+            map_combine_scales=map_combine_scales,
+            map_sigma=None if map_sigma is None else float(map_sigma),
             teacher_weights=teacher_weights,
         )
         self.teacher = build_backbone(
@@ -278,6 +286,8 @@ class DSKD(nn.Module):
         self.size = (image_size, image_size)
         self.normalize = Normalize(self.teacher.mean, self.teacher.std)
         self.blur = GaussianBlur(sigma, self.size)
+        self.map_combine_scales = map_combine_scales
+        self.map_blur = None if map_sigma is None else GaussianBlur(map_sigma, self.size)
 
     def distances(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """Args: x (B,3,S,S) 0..255. Returns: student -> [(B,1,S/s_i,S/s_i)] 1 - cos to the
@@ -323,5 +333,12 @@ class DSKD(nn.Module):
             flat = self.scale([m for k in self.active for m in d[k]])
             d = {k: flat[j * n : (j + 1) * n] for j, k in enumerate(self.active)}
         return dskd_anomaly_map(
-            d, self.match_strides, self.size, self.blur, self.combine_scales, self.combine_students
+            d,
+            self.match_strides,
+            self.size,
+            self.blur,
+            self.combine_scales,
+            self.combine_students,
+            self.map_combine_scales,
+            self.map_blur,
         )
