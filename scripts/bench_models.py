@@ -74,6 +74,7 @@ ABLATIONS = {
         "dskd-students-max": ("dskd", {"combine_students": "max"}),
         "dskd-running-norm": ("dskd", {"map_norm": "running"}),
         "dskd-raw-maps": ("dskd", {"map_norm": "none"}),
+        "dskd-map-max": ("dskd", {"map_combine_scales": "max", "map_sigma": 8.0}),
     },
     "mtkd": {
         "stpm": ("stpm", {}),
@@ -82,7 +83,9 @@ ABLATIONS = {
         "mtkd-no-recon": ("mtkd", {"reconstruction": False}),
         "mtkd-uniform-no-recon": ("mtkd", {"weights": "uniform", "reconstruction": False}),
         "mtkd-ae-coarsest": ("mtkd", {"ae_scale": 2}),
-        "mtkd-paper": ("mtkd", {"variant": "paper", "teachers": None}),
+        "mtkd-whole-images": ("mtkd", {"train.crop": 0}),
+        # the paper's variant reconstructs whole images: no crops
+        "mtkd-paper": ("mtkd", {"variant": "paper", "teachers": None, "train.crop": 0}),
     },
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")
@@ -241,7 +244,11 @@ def cell_latency(bundle: Path, data: Path, size: int, a: argparse.Namespace) -> 
 
 
 def remeasure_latency(r: dict, cell: Path, data: Path, a: argparse.Namespace) -> None:
-    """Replace a result's ONNX Runtime latency figures with a measurement taken now."""
+    """Replace a result's ONNX Runtime latency figures with a measurement taken now (a cell
+    whose bundle is gone keeps its earlier figures, and says so)."""
+    if not (cell / "bundle" / "model.onnx").is_file():
+        print(f"   {r['variant']}/{r['category']}: no bundle here, latency kept", flush=True)
+        return
     r.update(cell_latency(cell / "bundle", data, int(r["conditions"]["image_size"]), a))
     r["conditions"]["latency_measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
     r["conditions"]["loadavg_latency"] = os.getloadavg()[0]
