@@ -11,6 +11,7 @@ with a real asyncua peer on a free loopback port, and a real mosquitto.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,32 @@ def test_server_mode_subscriber_gets_every_verdict_in_order(tmp_path, mosquitto,
     lat = summary["latency_ms"]["opcua_written"]
     assert lat["p50"] is not None  # decision -> written, reported
     sub.stop()
+
+
+def test_a_slow_server_start_is_waited_for_not_cut_at_the_client_timeout(
+    tmp_path, bundle_dir, monkeypatch
+):
+    # asyncua builds its address space in Python: 3-5 s on the 2-core VM, more on a Jetson.
+    # The client's timeout_s once bounded it too, and a station in server mode failed to start.
+    from edge.opcua.server import ServerLink
+
+    opened = ServerLink.open
+
+    async def slow_open(self):
+        await asyncio.sleep(3.0)  # past timeout_s + 2 = 2.1 s below
+        return await opened(self)
+
+    monkeypatch.setattr(ServerLink, "open", slow_open)
+    opcua, _, creds = server_mode(tmp_path)
+    frames = write_frames(tmp_path / "frames", set(), 1, SHAPE)
+    path = station_yaml(
+        tmp_path, bundle_dir, frames, 1883, {**opcua, "timeout_s": 0.1}, credentials_file=creds
+    )
+    out = opcua_output(config_mod.load(path), lambda *a: None, required=True)
+    try:
+        assert out.health()["state"] == "up"
+    finally:
+        out.close()
 
 
 def test_server_mode_refuses_a_wrong_login_and_an_untrusted_client(tmp_path, bundle_dir, mosquitto):

@@ -23,6 +23,12 @@ __all__ = ["OUTPUTS", "MqttOutput", "Outputs", "QueuedOutput", "opcua_output", "
 
 Factory = Callable[[Any, Callable[[str, Any], None]], "Output"]
 
+# A server's first open builds asyncua's standard address space in Python: 3.3 s (asyncua 2.1,
+# Python 3.11) to 5.1 s (asyncua 1.1, Python 3.8) on the 2-core x86 development VM, longer on a
+# Jetson's cores; the client's `timeout_s` (5 s) is no bound for it. A failed open (a port in
+# use, a bad certificate) reports at once, so only a slow start waits this long.
+SERVER_START_S = 60.0
+
 
 def opcua_output(cfg: Any, alarm: Callable[[str, Any], None], required: bool | None = None):
     """The `opcua:` section as a started QueuedOutput (server or client mode)."""
@@ -45,7 +51,8 @@ def opcua_output(cfg: Any, alarm: Callable[[str, Any], None], required: bool | N
     )
     # A server that cannot listen is a configuration error in every case.
     must = oc.require_at_start or oc.mode == "server" if required is None else required
-    out.start(required=must, timeout_s=oc.timeout_s + 2.0)
+    wait = SERVER_START_S if oc.mode == "server" else oc.timeout_s + 2.0
+    out.start(required=must, timeout_s=wait)
     return out
 
 
