@@ -148,7 +148,6 @@ class Station:
         self.queue_size = s.queue_size
         self.read_timeout_s = s.read_timeout_s
         self.metrics_interval_s = s.metrics_interval_s
-        self.publish_results = s.publish_results
         self.max_frames = s.max_frames
         self.engine: Engine | None = None
         self.key = -1
