@@ -71,7 +71,10 @@ def output_and_peer(request, tmp_path, mosquitto):
     if request.param == "mqtt":
         with Listener(mosquitto.host, mosquitto.port, BASE) as lst:
             out = MqttOutput(mqtt_publisher(tmp_path, mosquitto), results=True)
-            yield out, lambda: [e.payload["part_id"] for e in lst.of_kind("result")], alarms
+            try:
+                yield out, lambda: [e.payload["part_id"] for e in lst.of_kind("result")], alarms
+            finally:
+                out.close()  # its publisher's threads must not outlive the test
         return
     rig = pytest.importorskip("tests.opcua_rig")
     if request.param == "opcua-server":
