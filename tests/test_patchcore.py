@@ -40,6 +40,19 @@ def test_nearest_distance_matches_brute_force():
     torch.testing.assert_close(d[:, 0], ref, atol=1e-4, rtol=1e-4)
 
 
+def test_a_patch_in_the_bank_gets_the_distance_floor_whatever_the_summation_order():
+    # |x|^2 - 2 x.m + |m|^2 cancels to float32 noise for a patch that is in the bank, and the
+    # square root magnified that noise past the export's parity limit; the floor makes every
+    # summation order (every runtime) give the same distance.
+    torch.manual_seed(0)
+    bank = torch.randn(64, 32) * 30 + 5
+    emb = bank[:12].t().reshape(1, 32, 3, 4)
+    floor = (1e-5 * (bank * bank).sum(1).mean()).sqrt()
+    for perm in (torch.arange(32), torch.randperm(32)):
+        d = nearest_distance(emb[:, perm], bank[:, perm].t(), (bank * bank).sum(1))
+        torch.testing.assert_close(d.flatten(), floor.expand(12), rtol=1e-3, atol=0)
+
+
 def test_bank_of_a_training_image_scores_it_near_zero_and_an_unseen_one_higher():
     torch.manual_seed(0)
     model = build_model("patchcore", image_size=S, coreset_ratio=1.0)
