@@ -31,7 +31,8 @@ from edge.bundle import FileEntry, InputSpec, Manifest, write_manifest
 
 GREY = 128
 POISON = 20
-SLOW_ITERS = 60  # "slow" poison: 1024^3 multiply-adds each (~2.5 s in all on one loaded x86 core)
+SLOW_ITERS = 200  # "slow" poison: 1024^3 multiply-adds each (60 took 2.5 s on a loaded core
+# and 0.65 s on a fast day, under the stalled scenario's 1 s: 200 keeps the stall far past it)
 
 
 def make_model(
