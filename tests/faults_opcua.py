@@ -217,7 +217,13 @@ SCENARIOS = {
         {"n_frames": 40},
         "OPC UA: PLC server down at start, up 5 s later",
     ),
-    "plc_restarted": (plc_restarted, {}, "OPC UA: PLC server stopped mid-run, back 3 s later"),
+    # 96 parts (12 s at RATE): the run must outlast the outage even when the replay starts late
+    # and catches up (60 parts ended inside the outage once, on a fast day)
+    "plc_restarted": (
+        plc_restarted,
+        {"n_frames": 96},
+        "OPC UA: PLC server stopped mid-run, back 3 s later",
+    ),
     "plc_wrong_certificate": (
         plc_wrong_certificate,
         {"n_frames": 24},
